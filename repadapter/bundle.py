@@ -1,0 +1,225 @@
+"""Task bundles: ``manifest.json`` (pydantic, schema-versioned) + ``adapter.safetensors``.
+
+Tensor keys: ``adapter.<site>.<weight_a|bias_a|weight_b|bias_b>`` for every adapted site (site = slot
+path, e.g. ``blocks.3.adapter_attn``) and ``head.weight [C, F]``, ``head.bias [C]``. Bundles load with
+safetensors only (never pickle), and every check runs before a bundle can touch a backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .adapter import AdapterWeights
+from .errors import BackboneMismatch, BundleError, ChecksumMismatch
+from .inject import PLACEMENTS, Site
+from .merge import check_adapters
+from .preprocess import PreprocessConfig
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "adapter.safetensors"
+TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_PARAMS = ("weight_a", "bias_a", "weight_b", "bias_b")
+
+
+class AdapterConfig(BaseModel):
+    """Adapter hyper-parameters. ``hidden=0`` means no adapters (a linear probe: head only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: int = Field(8, ge=0, le=4096)
+    groups: int = Field(2, ge=1)
+    scale: float = Field(1.0, allow_inf_nan=False)
+    placement: str = "block"
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: str) -> str:
+        if v not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}")
+        return v
+
+
+class BackboneRef(BaseModel):
+    """Which backbone a bundle was trained on; a bundle for another one is refused."""
+
+    arch: str
+    fingerprint: str
+
+
+class Manifest(BaseModel):
+    """Everything about a task except its tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: int = Field(0, ge=0, description="assigned by the store on write")
+    labels: list[str] = Field(min_length=1)
+    method: Literal["repadapter", "linear", "pretrained"] = "repadapter"
+    adapter: AdapterConfig = AdapterConfig()
+    backbone: BackboneRef
+    preprocess: PreprocessConfig = PreprocessConfig()
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    tensors_sha256: str = ""
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TASK_NAME.match(v):
+            raise ValueError("task names are 1-64 chars of a-z, 0-9, '_' or '-', starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> Manifest:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        return self
+
+
+def parse_manifest(data: bytes | str) -> Manifest:
+    """Parse and validate manifest JSON; any problem is a :class:`BundleError` naming the field."""
+    try:
+        return Manifest.model_validate_json(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in e.errors())
+        raise BundleError(f"invalid manifest: {problems}") from e
+
+
+@dataclass
+class TaskBundle:
+    """A task in memory: manifest, adapters per site (may be empty) and the classification head."""
+
+    manifest: Manifest
+    adapters: dict[str, AdapterWeights]
+    head_weight: Tensor  # [C, F]
+    head_bias: Tensor  # [C]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"adapter.{site}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+               for site, w in self.adapters.items() for k, v in w.tensors().items()}
+        out["head.weight"] = self.head_weight.detach().to("cpu", torch.float32).contiguous()
+        out["head.bias"] = self.head_bias.detach().to("cpu", torch.float32).contiguous()
+        return out
+
+    def serialize(self) -> tuple[bytes, bytes]:
+        """``(manifest_json, safetensors_bytes)``, with the checksum filled into the manifest."""
+        data = st_save(self.tensors(), metadata={"task": self.name})
+        self.manifest = self.manifest.model_copy(update={"tensors_sha256": hashlib.sha256(data).hexdigest()})
+        return self.manifest.model_dump_json(indent=2).encode(), data
+
+    @classmethod
+    def deserialize(cls, manifest: bytes | str | Manifest, data: bytes) -> TaskBundle:
+        """Parse a bundle, verifying the checksum, key set, head shape vs labels and finiteness."""
+        m = manifest if isinstance(manifest, Manifest) else parse_manifest(manifest)
+        digest = hashlib.sha256(data).hexdigest()
+        if m.tensors_sha256 and digest != m.tensors_sha256:
+            raise ChecksumMismatch(f"task {m.name!r}: tensors sha256 {digest[:12]}... != manifest's "
+                                   f"{m.tensors_sha256[:12]}...")
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise BundleError(f"task {m.name!r}: not a safetensors file: {e}") from e
+        return cls.from_tensors(m.model_copy(update={"tensors_sha256": digest}), tensors)
+
+    @classmethod
+    def from_tensors(cls, manifest: Manifest, tensors: dict[str, Tensor]) -> TaskBundle:
+        name = manifest.name
+        for key in ("head.weight", "head.bias"):
+            if key not in tensors:
+                raise BundleError(f"task {name!r}: missing tensor {key!r}")
+        sites: dict[str, dict[str, Tensor]] = {}
+        for key, t in tensors.items():
+            if key.startswith("head."):
+                if key not in ("head.weight", "head.bias"):
+                    raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
+                continue
+            prefix, _, rest = key.partition(".")
+            site, _, param = rest.rpartition(".")
+            if prefix != "adapter" or param not in _PARAMS or not site:
+                raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
+            sites.setdefault(site, {})[param] = t
+        for key, t in tensors.items():
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise BundleError(f"task {name!r}: tensor {key!r} is not finite floating point")
+        cfg = manifest.adapter
+        adapters = {}
+        for site, params in sites.items():
+            missing = set(_PARAMS) - set(params)
+            if missing:
+                raise BundleError(f"task {name!r}: site {site} lacks {sorted(missing)}")
+            adapters[site] = AdapterWeights(**params, groups=cfg.groups, scale=cfg.scale)
+        w, b = tensors["head.weight"], tensors["head.bias"]
+        if w.ndim != 2 or b.shape != (w.shape[0],):
+            raise BundleError(f"task {name!r}: head shapes {tuple(w.shape)}, {tuple(b.shape)} are inconsistent")
+        if w.shape[0] != len(manifest.labels):
+            raise BundleError(f"task {name!r}: head has {w.shape[0]} outputs but {len(manifest.labels)} labels")
+        return cls(manifest, adapters, w, b)
+
+    def check_compatible(self, arch: str, fingerprint: str, sites: list[Site], num_features: int) -> None:
+        """Refuse a bundle for another backbone (409) or whose tensors do not fit it (422)."""
+        ref = self.manifest.backbone
+        if ref.arch != arch or ref.fingerprint != fingerprint:
+            raise BackboneMismatch(
+                f"task {self.name!r} was trained for backbone {ref.arch} ({ref.fingerprint[:12]}), "
+                f"this server runs {arch} ({fingerprint[:12]})"
+            )
+        if self.head_weight.shape[1] != num_features:
+            raise BundleError(f"task {self.name!r}: head takes {self.head_weight.shape[1]} features, "
+                              f"the backbone gives {num_features}")
+        check_adapters(sites, self.adapters)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def import_official(
+    state_dict: dict[str, Tensor], *, scale: float, groups: int | None = None
+) -> dict[str, AdapterWeights]:
+    """Adapters from a checkpoint of the official RepAdapter code (luogen1996/RepAdapter).
+
+    Keys ``blocks.{i}.adapter_{attn,mlp}.conv_A.weight [r, d, 1]``, ``conv_A.bias [r]``,
+    ``conv_B.weight [d, r/G, 1]``, ``conv_B.bias [d]``; the scale is not stored (the user gives it) and
+    ``groups`` is inferred as ``r / conv_B.weight.shape[1]``. Site names come out as ours
+    (``blocks.{i}.adapter_attn``), so no key is renamed elsewhere. Non-adapter keys other than ``head.*``
+    are refused, unlike the official ``strict=False`` loader.
+    """
+    pat = re.compile(r"^(blocks\.\d+\.adapter_(?:attn|mlp))\.(conv_[AB])\.(weight|bias)$")
+    found: dict[str, dict[str, Tensor]] = {}
+    for key, t in state_dict.items():
+        if key.startswith("head."):
+            continue
+        m = pat.match(key)
+        if m is None:
+            raise BundleError(f"unexpected key in RepAdapter checkpoint: {key!r}")
+        found.setdefault(m.group(1), {})[f"{m.group(2)}.{m.group(3)}"] = t
+    out = {}
+    for site, p in found.items():
+        if len(p) != 4:
+            raise BundleError(f"{site}: expected conv_A/conv_B weight and bias, got {sorted(p)}")
+        a, b = p["conv_A.weight"], p["conv_B.weight"]
+        if a.ndim != 3 or b.ndim != 3:
+            raise BundleError(f"{site}: conv weights must be [out, in, 1]")
+        g = groups if groups is not None else a.shape[0] // b.shape[1]
+        out[site] = AdapterWeights(a[:, :, 0].float(), p["conv_A.bias"].float(), b[:, :, 0].float(),
+                                   p["conv_B.bias"].float(), g, scale)
+    return out

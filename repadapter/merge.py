@@ -1,0 +1,167 @@
+"""Folding adapters into the backbone's linear maps, and switching tasks without drift.
+
+For an adapter ``M x + m`` (``M = I + s B A``, ``m = s (B a + b)``) in front of ``z = W y + c``:
+
+    W' = W + (s W B) A = W + U A          c' = c + s W (B a + b) = c + dc
+
+``U [out, r]`` and ``dc [out]`` depend only on the base weights and the adapter, so they are computed
+once per task (:class:`TaskDelta`); a switch is then one ``addmm`` per target layer, reading the pristine
+base weights and writing the live ones. Because every switch recomputes from the same pristine copy
+with the same deterministic kernel, switching never accumulates error: going back to base is a copy,
+and a task's merged weights are bitwise identical every time it becomes active.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adapter import AdapterWeights
+from .errors import BundleError
+from .inject import Site, Target
+
+log = logging.getLogger(__name__)
+
+
+def fold_delta(weight: Tensor, adapter: AdapterWeights) -> tuple[Tensor, Tensor]:
+    """``(U, dc)`` of one adapter folded into the linear map with ``weight [out, in]``.
+
+    Computed in float32 from the ORIGINAL weight (never from a view that a merge then updates in place)
+    and returned in float32; callers cast to the model dtype.
+    """
+    w = weight.detach().float()
+    b_dense = adapter.dense_b().float()
+    u = adapter.scale * (w @ b_dense)  # [out, r]
+    dc = u @ adapter.bias_a.float() + adapter.scale * (w @ adapter.bias_b.float())  # [out]
+    return u, dc
+
+
+@dataclass
+class TargetDelta:
+    """Precomputed fold for one target layer: ``W' = W + u @ a``, ``bias' = bias + sign * dc``."""
+
+    u: Tensor  # [out, r]
+    a: Tensor  # [r, in]
+    dc: Tensor  # [out]
+
+
+@dataclass
+class TaskDelta:
+    """Everything a switch to one task needs, per target layer, in the model's dtype and device."""
+
+    name: str
+    targets: dict[int, TargetDelta]  # index into the switcher's flat target list
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self.targets.values() for t in (d.u, d.a, d.dc))
+
+
+def _split(vec: Tensor, parts: tuple[Tensor, ...]) -> list[Tensor]:
+    return list(vec.split([p.numel() for p in parts]))
+
+
+def check_adapters(sites: list[Site], adapters: dict[str, AdapterWeights]) -> None:
+    """Refuse adapters for unknown sites, with wrong shapes, or with non-finite values (BundleError)."""
+    by_name = {s.name: s for s in sites}
+    unknown = sorted(set(adapters) - set(by_name))
+    if unknown:
+        raise BundleError(f"adapters for sites this backbone does not have: {unknown[:5]}")
+    for name, w in adapters.items():
+        try:
+            w.validate(by_name[name].dim)
+        except ValueError as e:
+            raise BundleError(f"adapter {name}: {e}") from e
+
+
+class WeightSwitcher:
+    """Owns the live weights of every target layer and switches them between base and task-merged.
+
+    Keeps a pristine copy of each target weight and bias part (same device and dtype: the fastest
+    restore, at the cost of one extra copy of the affected tensors). Not thread-safe: only the
+    engine's worker calls it, between forward passes.
+    """
+
+    def __init__(self, sites: list[Site]) -> None:
+        self.sites = sites
+        self.targets: list[Target] = []
+        self._index: dict[str, list[int]] = {}
+        for site in sites:
+            self._index[site.name] = list(range(len(self.targets), len(self.targets) + len(site.targets)))
+            self.targets.extend(site.targets)
+        with torch.no_grad():
+            self._base_w = [t.weight_2d.detach().clone() for t in self.targets]
+            self._base_b = [tuple(p.detach().clone() for p in t.bias_parts) for t in self.targets]
+        self.active: str | None = None
+
+    @property
+    def pristine_nbytes(self) -> int:
+        tensors = [*self._base_w, *(p for parts in self._base_b for p in parts)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def prepare(self, name: str, adapters: dict[str, AdapterWeights]) -> TaskDelta:
+        """Precompute the task's fold against the pristine base weights (validates first)."""
+        check_adapters(self.sites, adapters)
+        deltas: dict[int, TargetDelta] = {}
+        for site_name, w in adapters.items():
+            for i in self._index[site_name]:
+                base = self._base_w[i]
+                u, dc = fold_delta(base, w)
+                deltas[i] = TargetDelta(u.to(base.dtype), w.weight_a.to(base), dc.to(base.dtype))
+                if not (torch.isfinite(deltas[i].u).all() and torch.isfinite(deltas[i].dc).all()):
+                    raise BundleError(f"task {name!r}: folding {site_name} overflows {base.dtype}")
+        return TaskDelta(name, deltas)
+
+    @torch.no_grad()
+    def activate(self, delta: TaskDelta | None) -> None:
+        """Make ``delta``'s task live (``None``: the plain backbone). Goes A -> B directly.
+
+        Every target the new task touches is recomputed from pristine; every other target the old task
+        had touched is restored by a copy. The result is bitwise independent of the switch history.
+        """
+        touched = set(delta.targets) if delta is not None else set()
+        for i, target in enumerate(self.targets):
+            d = delta.targets.get(i) if delta is not None else None
+            if d is None:
+                if self.active is not None:
+                    self._restore(i, target)
+                continue
+            torch.addmm(self._base_w[i], d.u, d.a, out=target.weight_2d)
+            dc_parts = _split(d.dc, target.bias_parts)
+            for live, base, dc in zip(target.bias_parts, self._base_b[i], dc_parts, strict=True):
+                torch.add(base, dc, alpha=target.bias_sign, out=live)
+        self.active = delta.name if delta is not None else None
+        log.debug("activated task=%s targets=%d", self.active, len(touched))
+
+    def _restore(self, i: int, target: Target) -> None:
+        target.weight_2d.copy_(self._base_w[i])
+        for live, base in zip(target.bias_parts, self._base_b[i], strict=True):
+            live.copy_(base)
+
+    def drift(self) -> float:
+        """Max abs difference of live vs pristine weights (0.0 means bitwise equal); for the base state."""
+        return max(
+            max((t.weight_2d - b).abs().max().item() for t, b in zip(self.targets, self._base_w, strict=True)),
+            max((lp - bp).abs().max().item()
+                for t, bb in zip(self.targets, self._base_b, strict=True)
+                for lp, bp in zip(t.bias_parts, bb, strict=True)),
+        )
+
+
+def algebraic_unmerge(weight: Tensor, bias: Tensor, adapter: AdapterWeights) -> tuple[Tensor, Tensor]:
+    """Recover ``(W, c)`` from merged ``(W', c')`` without a pristine copy (low-memory fallback).
+
+    Woodbury: ``W = W' (I + s B A)^-1 = W' - s (W' B) (I_r + s A B)^-1 A``, an ``r x r`` inverse only;
+    ``c = c' - s W (B a + b)``. Computed in float64 and cast back; it is exact up to rounding, so repeated
+    merge/unmerge cycles drift (bounded, see tests), which is why serving restores from pristine copies.
+    """
+    w1 = weight.detach().double()
+    a = adapter.weight_a.double()
+    b = adapter.dense_b().double()
+    s = adapter.scale
+    core = torch.eye(a.shape[0], dtype=torch.float64) + s * (a @ b)  # [r, r]
+    w = w1 - s * (w1 @ b) @ torch.linalg.solve(core, a)
+    c = bias.detach().double() - s * (w @ (b @ adapter.bias_a.double() + adapter.bias_b.double()))
+    return w.to(weight.dtype), c.to(bias.dtype)

