@@ -160,6 +160,9 @@ def load_backbone(arch: str = EMBEDDED, checkpoint: str | Path | None = None, *,
     data_cfg = timm.data.resolve_data_config(model=model)
     if is_embedded:
         data_cfg["interpolation"] = "bilinear"  # torchvision's training-time preprocessing
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # a ViT built for another size than its pretrained config's
+        data_cfg["input_size"] = (3, *img_size)
     model.reset_classifier(0)
     model.eval().requires_grad_(False)
     model.to(device=device, dtype=dtype)

@@ -63,6 +63,15 @@ def _split(vec: Tensor, parts: tuple[Tensor, ...]) -> list[Tensor]:
     return list(vec.split([p.numel() for p in parts]))
 
 
+def _addmm_into(out: Tensor, base: Tensor, u: Tensor, a: Tensor) -> None:
+    """``out = base + u @ a``, deterministic. CPU half-precision matmuls have no fast kernel, so there
+    the sum is formed in float32 and rounded once (also the more accurate result)."""
+    if out.device.type == "cpu" and out.dtype in (torch.float16, torch.bfloat16):
+        out.copy_(torch.addmm(base.float(), u.float(), a.float()))
+    else:
+        torch.addmm(base, u, a, out=out)
+
+
 def check_adapters(sites: list[Site], adapters: dict[str, AdapterWeights]) -> None:
     """Refuse adapters for unknown sites, with wrong shapes, or with non-finite values (BundleError)."""
     by_name = {s.name: s for s in sites}
@@ -128,7 +137,7 @@ class WeightSwitcher:
                 if self.active is not None:
                     self._restore(i, target)
                 continue
-            torch.addmm(self._base_w[i], d.u, d.a, out=target.weight_2d)
+            _addmm_into(target.weight_2d, self._base_w[i], d.u, d.a)
             dc_parts = _split(d.dc, target.bias_parts)
             for live, base, dc in zip(target.bias_parts, self._base_b[i], dc_parts, strict=True):
                 torch.add(base, dc, alpha=target.bias_sign, out=live)

@@ -1,0 +1,135 @@
+"""Task bundles: round trip, validation before anything is touched, official checkpoint import."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from repadapter import AdapterWeights, BackboneRef, Manifest, TaskBundle, WeightSwitcher, attach_slots
+from repadapter.bundle import import_official, parse_manifest
+from repadapter.errors import BackboneMismatch, BundleError, ChecksumMismatch
+from tests.conftest import image_batch, random_adapters, rel_err
+
+
+def make_bundle(backbone, sites, name: str = "demo", seed: int = 0, classes: int = 3) -> TaskBundle:
+    g = torch.Generator().manual_seed(seed)
+    manifest = Manifest(name=name, labels=[f"c{i}" for i in range(classes)],
+                        backbone=BackboneRef(arch=backbone.arch, fingerprint=backbone.fingerprint),
+                        preprocess=backbone.preprocess)
+    return TaskBundle(manifest, random_adapters(sites, seed), torch.randn(classes, backbone.num_features, generator=g),
+                      torch.randn(classes, generator=g))
+
+
+def test_roundtrip_preserves_tensors_and_checksum(tiny_vit):
+    bb = tiny_vit()
+    sites = attach_slots(bb.model)
+    bundle = make_bundle(bb, sites)
+    manifest_bytes, data = bundle.serialize()
+    loaded = TaskBundle.deserialize(manifest_bytes, data)
+    assert loaded.manifest == bundle.manifest
+    assert len(loaded.manifest.tensors_sha256) == 64
+    assert set(loaded.adapters) == {s.name for s in sites}
+    for site, w in bundle.adapters.items():
+        for k, t in w.tensors().items():
+            assert torch.equal(loaded.adapters[site].tensors()[k], t)
+    assert torch.equal(loaded.head_weight, bundle.head_weight)
+    loaded.check_compatible(bb.arch, bb.fingerprint, sites, bb.num_features)
+
+
+def test_corrupted_tensors_fail_checksum(tiny_vit):
+    bb = tiny_vit()
+    manifest_bytes, data = make_bundle(bb, attach_slots(bb.model)).serialize()
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        TaskBundle.deserialize(manifest_bytes, bytes(flipped))
+
+
+def test_bundle_for_other_backbone_refused(tiny_vit):
+    bb = tiny_vit()
+    sites = attach_slots(bb.model)
+    bundle = make_bundle(bb, sites)
+    with pytest.raises(BackboneMismatch, match="trained for backbone"):
+        bundle.check_compatible(bb.arch, "0" * 32, sites, bb.num_features)
+    with pytest.raises(BundleError, match="features"):
+        bundle.check_compatible(bb.arch, bb.fingerprint, sites, bb.num_features + 1)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.__setitem__("head.bias", torch.zeros(5)), "inconsistent"),
+        (lambda t: t.__setitem__("head.weight", torch.zeros(4, 192)) or t.__setitem__("head.bias", torch.zeros(4)),
+         "labels"),
+        (lambda t: t.pop("head.weight"), "missing tensor"),
+        (lambda t: t.__setitem__("extra", torch.zeros(1)), "unexpected tensor"),
+        (lambda t: t.__setitem__("adapter.blocks.0.adapter_attn.bias_b", torch.full((192,), float("inf"))),
+         "not finite"),
+        (lambda t: t.pop("adapter.blocks.0.adapter_attn.bias_a"), "lacks"),
+    ],
+)
+def test_malformed_tensors_refused(tiny_vit, mutate, message):
+    bb = tiny_vit()
+    bundle = make_bundle(bb, attach_slots(bb.model))
+    tensors = bundle.tensors()
+    mutate(tensors)
+    with pytest.raises(BundleError, match=message):
+        TaskBundle.from_tensors(bundle.manifest, tensors)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [({"name": "Bad Name!"}, "name"), ({"labels": []}, "labels"), ({"labels": ["a", "a"]}, "unique"),
+     ({"schema_version": 2}, "schema_version"), ({"adapter": {"placement": "everywhere"}}, "placement"),
+     ({"surprise": 1}, "surprise")],
+)
+def test_invalid_manifest_names_the_field(patch, field):
+    doc = {"name": "ok", "labels": ["a", "b"], "backbone": {"arch": "x", "fingerprint": "y"}, **patch}
+    with pytest.raises(BundleError, match=field):
+        parse_manifest(json.dumps(doc))
+    with pytest.raises(BundleError, match="manifest"):
+        parse_manifest(b"{not json")
+
+
+def test_import_official_checkpoint_layout(tiny_vit, photos):
+    """A state dict in the official RepAdapter layout (Conv1d weights) serves like our own adapters."""
+    bb = tiny_vit()
+    sites = attach_slots(bb.model)
+    ours = random_adapters(sites, seed=4, groups=2)
+    official = {}
+    for site, w in ours.items():
+        official[f"{site}.conv_A.weight"] = w.weight_a[:, :, None].clone()
+        official[f"{site}.conv_A.bias"] = w.bias_a.clone()
+        official[f"{site}.conv_B.weight"] = w.weight_b[:, :, None].clone()
+        official[f"{site}.conv_B.bias"] = w.bias_b.clone()
+    official["head.weight"] = torch.zeros(3, bb.num_features)
+    official["head.bias"] = torch.zeros(3)
+    imported = import_official(official, scale=1.0)
+    assert set(imported) == set(ours)
+    assert all(w.groups == 2 for w in imported.values())
+    x = image_batch(photos, bb)
+    sw = WeightSwitcher(sites)
+    with torch.no_grad():
+        sw.activate(sw.prepare("ours", ours))
+        ref = bb.model(x)
+        sw.activate(sw.prepare("official", imported))
+        assert rel_err(bb.model(x), ref) == 0.0
+    with pytest.raises(BundleError, match="unexpected key"):
+        import_official({"blocks.0.attn.qkv.weight": torch.zeros(1)}, scale=1.0)
+
+
+def test_official_grouped_conv_semantics_match():
+    """conv_B as the official Conv1d(r, d, 1, groups=G) computes exactly our dense block-diagonal B."""
+    torch.manual_seed(0)
+    d, r, g = 16, 8, 2
+    conv_a, conv_b = torch.nn.Conv1d(d, r, 1), torch.nn.Conv1d(r, d, 1, groups=g)
+    x = torch.randn(3, d, 7)  # official layout: [B, C, N]
+    official = x + 0.5 * conv_b(conv_a(x))
+    w = AdapterWeights(conv_a.weight[:, :, 0].detach(), conv_a.bias.detach(), conv_b.weight[:, :, 0].detach(),
+                       conv_b.bias.detach(), g, 0.5)
+    from repadapter import RepAdapter
+
+    ours = RepAdapter.from_weights(w).eval()(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)

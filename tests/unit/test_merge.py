@@ -1,0 +1,225 @@
+"""The heart: merged == unmerged, drift-free switching, mixed batches, and refusal of bad adapters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from repadapter import RepAdapter, WeightSwitcher, algebraic_unmerge, attach_slots, clear_adapters, mixed_batch
+from repadapter.errors import BundleError, UnsupportedBackbone
+from repadapter.merge import fold_delta
+from tests.conftest import TINY_VITS, image_batch, random_adapters, rel_err
+
+
+def _head(num_features: int, classes: int = 10, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(num_features, classes)
+
+
+@torch.no_grad()
+def _unmerged_logits(backbone, sites, adapters, head, x):
+    for s in sites:
+        if s.name in adapters:
+            s.slot.adapter = RepAdapter.from_weights(adapters[s.name], s.layout).to(x.dtype).eval()
+    try:
+        return head(backbone.model(x))
+    finally:
+        clear_adapters(sites)
+
+
+@pytest.mark.parametrize("arch", list(TINY_VITS))
+@pytest.mark.parametrize("placement", ["block", "attn"])
+def test_merged_equals_unmerged_vit_families(tiny_vit, photos, arch, placement):
+    bb = tiny_vit(arch)
+    sites = attach_slots(bb.model, placement)
+    assert len(sites) == TINY_VITS[arch]["depth"] * (2 if placement == "block" else 1)
+    adapters = random_adapters(sites, seed=1)
+    head = _head(bb.num_features)
+    x = image_batch(photos, bb)
+    with torch.no_grad():
+        plain = head(bb.model(x))
+        unmerged = _unmerged_logits(bb, sites, adapters, head, x)
+        sw = WeightSwitcher(sites)
+        sw.activate(sw.prepare("t", adapters))
+        merged = head(bb.model(x))
+    assert rel_err(unmerged, plain) > 1e-3  # the adapters really change the output (100x the tolerance)
+    assert rel_err(merged, unmerged) <= 1e-5
+    assert torch.equal(merged.argmax(1), unmerged.argmax(1))
+
+
+def test_merged_equals_unmerged_embedded_cnn(embedded, photos):
+    sites = attach_slots(embedded.model)
+    assert len(sites) == 33  # 16 inverted residuals x (pw, pwl) + the depthwise-separable block's pw
+    assert all(t.bias_sign == -1.0 for s in sites for t in s.targets)  # constants fold into BN means
+    adapters = random_adapters(sites, seed=2, std=0.05)
+    w, b = embedded.classifier
+    head = torch.nn.Linear(w.shape[1], w.shape[0])
+    head.weight.data, head.bias.data = w, b
+    x = image_batch(photos, embedded)
+    with torch.no_grad():
+        unmerged = _unmerged_logits(embedded, sites, adapters, head, x)
+        sw = WeightSwitcher(sites)
+        sw.activate(sw.prepare("t", adapters))
+        merged = head(embedded.model(x))
+        sw.activate(None)
+        plain = head(embedded.model(x))
+    assert rel_err(unmerged, plain) > 1e-2
+    assert rel_err(merged, unmerged) <= 1e-5
+    assert torch.equal(merged.argmax(1), unmerged.argmax(1))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_merged_close_to_unmerged_low_precision(tiny_vit, photos, dtype, tol):
+    bb = tiny_vit("vit_tiny_patch16_224", )
+    bb.model.to(dtype)
+    sites = attach_slots(bb.model)
+    adapters = random_adapters(sites, seed=3)
+    head = _head(bb.num_features).to(dtype)
+    x = image_batch(photos, bb).to(dtype)
+    with torch.no_grad():
+        unmerged = _unmerged_logits(bb, sites, adapters, head, x)
+        sw = WeightSwitcher(sites)
+        sw.activate(sw.prepare("t", adapters))
+        merged = head(bb.model(x))
+    assert rel_err(merged, unmerged) <= tol
+
+
+def _live(sw: WeightSwitcher) -> list[torch.Tensor]:
+    return [t.weight_2d.clone() for t in sw.targets] + [p.clone() for t in sw.targets for p in t.bias_parts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=2)
+    bb.model.to(dtype)
+    sites = attach_slots(bb.model)
+    sw = WeightSwitcher(sites)
+    pristine = _live(sw)
+    deltas = [sw.prepare(f"t{i}", random_adapters(sites, seed=10 + i)) for i in range(5)]
+    # a 6th task adapting only half the sites: switching to it must restore the others exactly
+    half = dict(list(random_adapters(sites, seed=99).items())[::2])
+    deltas.append(sw.prepare("half", half))
+    first: dict[str, list[torch.Tensor]] = {}
+    rng = random.Random(0)
+    for _ in range(1000):
+        choice = rng.randrange(len(deltas) + 1)
+        delta = deltas[choice] if choice < len(deltas) else None
+        sw.activate(delta)
+        live = _live(sw)
+        key = delta.name if delta is not None else "base"
+        ref = first.setdefault(key, live)
+        assert all(torch.equal(a, b) for a, b in zip(live, ref, strict=True)), f"{key} drifted"
+    sw.activate(None)
+    assert all(torch.equal(a, b) for a, b in zip(_live(sw), pristine, strict=True))
+    assert sw.drift() == 0.0
+    assert len(first) == len(deltas) + 1
+
+
+def test_subtractive_unmerge_drifts_in_bf16(tiny_vit):
+    """The failure mode we avoid (PEFT-style W += dW; W -= dW): shows the bitwise test can fail."""
+    bb = tiny_vit("vit_tiny_patch16_224", depth=1)
+    sites = attach_slots(bb.model)
+    w = sites[0].targets[0].weight_2d.detach().to(torch.bfloat16)
+    u, _ = fold_delta(w, random_adapters(sites, seed=5)[sites[0].name])
+    dw = (u @ random_adapters(sites, seed=5)[sites[0].name].weight_a).to(torch.bfloat16)
+    cur = w.clone()
+    for _ in range(100):
+        cur = (cur + dw) - dw
+    assert (cur.float() - w.float()).abs().max() > 0
+
+
+def test_algebraic_unmerge_recovers_weights(tiny_vit):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=1)
+    sites = attach_slots(bb.model)
+    target = sites[0].targets[0]
+    with torch.no_grad():
+        target.bias_parts[0].normal_()  # random init leaves biases at zero: make the bias check meaningful
+    adapter = random_adapters(sites, seed=6)[sites[0].name]
+    w0 = target.weight_2d.detach().clone()
+    c0 = torch.cat(target.bias_parts).detach().clone()
+    cur_w, cur_c = w0.clone(), c0.clone()
+    for _ in range(100):  # 100 merge / Woodbury-unmerge cycles in fp32
+        u, dc = fold_delta(cur_w, adapter)
+        cur_w, cur_c = algebraic_unmerge(cur_w + u @ adapter.weight_a, cur_c + dc, adapter)
+    # documented bound: relative drift below 1e-5 after 100 fp32 cycles (it is not zero: rounding)
+    assert rel_err(cur_w, w0) < 1e-5
+    assert rel_err(cur_c, c0) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "embedded"])
+def test_mixed_batch_equals_per_task_merged(tiny_vit, embedded, photos, arch):
+    bb = embedded if arch == "embedded" else tiny_vit(arch)
+    sites = attach_slots(bb.model)
+    tasks = [random_adapters(sites, seed=20, std=0.05),
+             random_adapters(sites, seed=21, hidden=4, groups=1, std=0.05),  # another hidden size: padded
+             {}]  # a task without adapters (linear probe / pretrained head): identity
+    x = image_batch(photos, bb)
+    rows = torch.tensor([0, 1, 2, 1])
+    sw = WeightSwitcher(sites)
+    with torch.no_grad():
+        with mixed_batch(sites, tasks, rows):
+            mixed = bb.model(x)
+        assert all(s.slot.mixed is None for s in sites)  # context cleared
+        for i, t in enumerate(rows.tolist()):
+            sw.activate(sw.prepare(str(t), tasks[t]) if tasks[t] else None)
+            ref = bb.model(x[i : i + 1])
+            assert rel_err(mixed[i : i + 1], ref) <= 1e-5
+    sw.activate(None)
+
+
+def test_non_finite_adapter_refused_before_touching_weights(tiny_vit):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=1)
+    sites = attach_slots(bb.model)
+    sw = WeightSwitcher(sites)
+    before = _live(sw)
+    bad = random_adapters(sites, seed=7)
+    bad[sites[0].name].bias_b[3] = float("nan")
+    with pytest.raises(BundleError, match="non-finite"):
+        sw.prepare("bad", bad)
+    wrong = random_adapters(sites, seed=7, hidden=4)
+    wrong[sites[1].name].weight_a = torch.zeros(4, 5)
+    with pytest.raises(BundleError, match="shape"):
+        sw.prepare("wrong", wrong)
+    with pytest.raises(BundleError, match="sites this backbone does not have"):
+        sw.prepare("unknown", {"blocks.99.adapter_attn": bad[sites[0].name]})
+    assert all(torch.equal(a, b) for a, b in zip(_live(sw), before, strict=True))
+
+
+def test_unknown_layout_fails_loudly():
+    class NotAViT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+    with pytest.raises(UnsupportedBackbone, match="supported families"):
+        attach_slots(NotAViT())
+
+
+def test_block_with_changed_layout_fails_loudly(tiny_vit):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=1)
+    bb.model.blocks[0].attn.qkv = torch.nn.Identity()  # a timm change we do not know
+    with pytest.raises(UnsupportedBackbone, match=r"expected nn\.Linear"):
+        attach_slots(bb.model)
+
+
+def test_attach_twice_refused(tiny_vit):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=1)
+    attach_slots(bb.model)
+    with pytest.raises(UnsupportedBackbone, match="already"):
+        attach_slots(bb.model)
+
+
+def test_qkv_without_bias_gets_exact_fold(tiny_vit, photos):
+    """The official code's merge breaks for qkv without bias; ours adds a zero bias and stays exact."""
+    bb = tiny_vit("vit_tiny_patch16_224", qkv_bias=False)
+    sites = attach_slots(bb.model)
+    adapters = random_adapters(sites, seed=8)
+    head = _head(bb.num_features)
+    x = image_batch(photos, bb)
+    with torch.no_grad():
+        unmerged = _unmerged_logits(bb, sites, adapters, head, x)
+        sw = WeightSwitcher(sites)
+        sw.activate(sw.prepare("t", adapters))
+        assert rel_err(head(bb.model(x)), unmerged) <= 1e-5

@@ -1,0 +1,134 @@
+"""The on-disk store: versions, atomicity, checksums, locking, and a writer killed mid-put."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from repadapter import LocalStore, attach_slots
+from repadapter.errors import ChecksumMismatch, StoreError, TaskExists, TaskNotFound
+from tests.unit.test_bundle import make_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def vit_sites(tiny_vit):
+    bb = tiny_vit()
+    return bb, attach_slots(bb.model)
+
+
+def test_put_get_versions_delete(store, vit_sites):
+    bb, sites = vit_sites
+    m1 = store.put(make_bundle(bb, sites, "flowers", seed=1))
+    assert m1.version == 1
+    with pytest.raises(TaskExists, match="overwrite"):
+        store.put(make_bundle(bb, sites, "flowers", seed=2))
+    m2 = store.put(make_bundle(bb, sites, "flowers", seed=2), overwrite=True)
+    assert m2.version == 2
+    assert store.versions("flowers") == [1, 2]
+    assert [(e.name, e.version) for e in store.list()] == [("flowers", 2)]
+    latest, first = store.get("flowers"), store.get("flowers", 1)
+    assert latest.manifest.version == 2
+    assert first.manifest.version == 1
+    assert not (latest.head_weight == first.head_weight).all()
+    with pytest.raises(TaskNotFound, match="no version 7"):
+        store.get("flowers", 7)
+    store.delete("flowers")
+    assert store.list() == []
+    assert store.versions("flowers") == []
+    with pytest.raises(TaskNotFound):
+        store.get("flowers")
+    with pytest.raises(TaskNotFound):
+        store.delete("flowers")
+    with pytest.raises(TaskNotFound, match="invalid task name"):
+        store.get("../etc")
+
+
+def test_corruption_on_disk_is_detected(store, vit_sites):
+    bb, sites = vit_sites
+    store.put(make_bundle(bb, sites, "cars"))
+    path = store.list()[0].path / "adapter.safetensors"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch):
+        store.get("cars")
+
+
+def test_lock_excludes_second_writer(tmp_path, vit_sites):
+    bb, sites = vit_sites
+    a = LocalStore(tmp_path / "s", lock_timeout_s=0.2)
+    b = LocalStore(tmp_path / "s", lock_timeout_s=0.2)
+    with a.lock(), pytest.raises(StoreError, match="locked"):
+        b.put(make_bundle(bb, sites, "x"))
+    assert b.put(make_bundle(bb, sites, "x")).version == 1  # released afterwards
+
+
+_WRITER = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from repadapter import LocalStore, load_backbone, attach_slots
+    from tests.conftest import TINY_VITS
+    from tests.unit.test_bundle import make_bundle
+    import repadapter.store as st
+
+    calls = []
+    real_fsync = os.fsync
+    def slow_fsync(fd):  # the tensors file is on disk, then the writer hangs until it is killed
+        calls.append(fd)
+        real_fsync(fd)
+        if len(calls) == 1:
+            print("WRITING", flush=True)
+            time.sleep(60)
+    st.os.fsync = slow_fsync
+    bb = load_backbone("vit_tiny_patch16_224", **TINY_VITS["vit_tiny_patch16_224"])
+    sites = attach_slots(bb.model)
+    LocalStore({store!r}).put(make_bundle(bb, sites, "flowers", seed=9, classes=5), overwrite=True)
+    print("DONE", flush=True)
+""")
+
+
+def test_writer_killed_mid_put_leaves_store_consistent(store, vit_sites):
+    bb, sites = vit_sites
+    store.put(make_bundle(bb, sites, "flowers", seed=1))
+    before = store.get("flowers")
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(root=str(ROOT), store=str(store.root))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        assert any((store.root / ".tmp").iterdir())  # a half-written version exists on disk
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    # the old version is intact and the only one visible; no half task anywhere in listings
+    assert [(e.name, e.version) for e in store.list()] == [("flowers", 1)]
+    assert store.versions("flowers") == [1]
+    after = store.get("flowers")
+    assert after.manifest == before.manifest
+    assert (after.head_weight == before.head_weight).all()
+    # the dead writer's lock is gone with its process; leftovers are collected
+    assert store.gc() == 1
+    assert not any((store.root / ".tmp").iterdir())
+    assert store.put(make_bundle(bb, sites, "flowers", seed=3), overwrite=True).version == 2
+
+
+def test_listing_ignores_foreign_and_incomplete_entries(store, vit_sites):
+    bb, sites = vit_sites
+    store.put(make_bundle(bb, sites, "ok"))
+    (store.root / "half" / "v000001").mkdir(parents=True)  # no manifest: incomplete, invisible
+    (store.root / ".seed-copy").mkdir()
+    (store.root / "README.txt").write_text("hello")
+    assert [e.name for e in store.list()] == ["ok"]
+    start = time.monotonic()
+    assert store.versions("half") == []
+    assert time.monotonic() - start < 1
