@@ -223,3 +223,29 @@ def test_qkv_without_bias_gets_exact_fold(tiny_vit, photos):
         sw = WeightSwitcher(sites)
         sw.activate(sw.prepare("t", adapters))
         assert rel_err(head(bb.model(x)), unmerged) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "tf_efficientnet_lite0", "mobilenetv2_050"])
+def test_merged_equals_unmerged_other_cnn_families(arch, photos):
+    from repadapter import load_backbone
+    from repadapter.preprocess import preprocess_batch
+
+    bb = load_backbone(arch)
+    sites = attach_slots(bb.model)
+    assert len(sites) > 10
+    adapters = random_adapters(sites, seed=30, std=0.05)
+    head = _head(bb.num_features)
+    x = preprocess_batch(photos[:2], bb.preprocess.with_size(64))
+    with torch.no_grad():
+        bb.model(x)  # random-init BN statistics are trivial: give them spread so the mean fold matters
+        for m in bb.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        unmerged = _unmerged_logits(bb, sites, adapters, head, x)
+        sw = WeightSwitcher(sites)
+        sw.activate(sw.prepare("t", adapters))
+        merged = head(bb.model(x))
+    assert rel_err(merged, unmerged) <= 1e-5
+    with pytest.raises(UnsupportedBackbone, match="placement"):
+        attach_slots(load_backbone(arch).model, "attn")
