@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,9 +118,15 @@ def embedded_checkpoint() -> Path:
 
 
 def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet-1k class descriptions shipped with timm (first synonym of each)."""
+    """The 1000 ImageNet-1k class names shipped with timm (first synonym of each), made unique.
+
+    Two names repeat ('crane' the bird and the machine, 'maillot' twice): those get their WordNet id
+    appended, since task labels must be unique.
+    """
     info = timm.data.ImageNetInfo()
-    return [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    counts = Counter(names)
+    return [f"{n} ({info.index_to_label_name(i)})" if counts[n] > 1 else n for i, n in enumerate(names)]
 
 
 def load_backbone(arch: str = EMBEDDED, checkpoint: str | Path | None = None, *, device: str = "cpu",

@@ -33,9 +33,9 @@ def fold_delta(weight: Tensor, adapter: AdapterWeights) -> tuple[Tensor, Tensor]
     and returned in float32; callers cast to the model dtype.
     """
     w = weight.detach().float()
-    b_dense = adapter.dense_b().float()
-    u = adapter.scale * (w @ b_dense)  # [out, r]
-    dc = u @ adapter.bias_a.float() + adapter.scale * (w @ adapter.bias_b.float())  # [out]
+    adapter = adapter.to(device=w.device, dtype=torch.float32)
+    u = adapter.scale * (w @ adapter.dense_b())  # [out, r]
+    dc = u @ adapter.bias_a + adapter.scale * (w @ adapter.bias_b)  # [out]
     return u, dc
 
 
@@ -89,8 +89,11 @@ class WeightSwitcher:
     """Owns the live weights of every target layer and switches them between base and task-merged.
 
     Keeps a pristine copy of each target weight and bias part (same device and dtype: the fastest
-    restore, at the cost of one extra copy of the affected tensors). Not thread-safe: only the
-    engine's worker calls it, between forward passes.
+    restore, at the cost of one extra copy of the affected tensors).
+
+    Threading: ``activate`` and ``reset`` mutate the live weights and must run on the one thread that
+    runs forwards (the engine's worker). ``prepare`` only reads the pristine copies, which never change
+    after construction, so it may run on any thread (e.g. validating a registration off the worker).
     """
 
     def __init__(self, sites: list[Site]) -> None:
@@ -143,6 +146,14 @@ class WeightSwitcher:
                 torch.add(base, dc, alpha=target.bias_sign, out=live)
         self.active = delta.name if delta is not None else None
         log.debug("activated task=%s targets=%d", self.active, len(touched))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restore every target from pristine, whatever state the weights are in (e.g. after a failure
+        part-way through ``activate``)."""
+        for i, target in enumerate(self.targets):
+            self._restore(i, target)
+        self.active = None
 
     def _restore(self, i: int, target: Target) -> None:
         target.weight_2d.copy_(self._base_w[i])

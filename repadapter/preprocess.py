@@ -89,7 +89,9 @@ def decode_image(data: bytes, *, max_bytes: int = 20 << 20, max_pixels: int = 40
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PayloadTooLarge(f"image rejected as a decompression bomb: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise ImageError("not a decodable image: unknown or unsupported format") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data in a known format
         raise ImageError(f"not a decodable image: {e}") from e
     return to_rgb(img)
 

@@ -249,3 +249,20 @@ def test_merged_equals_unmerged_other_cnn_families(arch, photos):
     assert rel_err(merged, unmerged) <= 1e-5
     with pytest.raises(UnsupportedBackbone, match="placement"):
         attach_slots(load_backbone(arch).model, "attn")
+
+
+def test_reset_restores_every_target_after_a_partial_switch(tiny_vit):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=2)
+    sites = attach_slots(bb.model)
+    sw = WeightSwitcher(sites)
+    pristine = _live(sw)
+    delta = sw.prepare("t", random_adapters(sites, seed=40))
+    with torch.no_grad():
+        sw.targets[0].weight_2d.add_(1.0)  # what a switch interrupted half-way leaves: base state, one layer off
+    assert sw.active is None
+    sw.reset()
+    assert all(torch.equal(a, b) for a, b in zip(_live(sw), pristine, strict=True))
+    sw.activate(delta)
+    sw.reset()
+    assert sw.active is None
+    assert sw.drift() == 0.0

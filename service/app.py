@@ -1,0 +1,113 @@
+"""The FastAPI application: lifespan, error mapping, middleware and routers. Deliberately thin.
+
+``create_app(settings)`` builds an independent app (own metrics registry, own runtime), so tests and
+embedders can create several in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from repadapter.errors import RepServeError
+
+from . import __version__
+from .lifecycle import Runtime
+from .metrics import Metrics
+from .middleware import MetricsMiddleware
+from .routes import classify, health, tasks
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _repserve_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RepServeError)
+    if exc.status_code == 500:
+        log.error("request failed code=%s detail=%s", exc.code, exc)
+    return _error(exc.status_code, exc.code, str(exc), getattr(exc, "headers", None))
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return _error(422, "invalid_request", problems)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(500, "internal_error", "internal server error; see the server log")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    runtime = await anyio.to_thread.run_sync(Runtime, settings, app.state.metrics)
+    app.state.runtime = runtime
+    runtime.start()
+    poller = asyncio.create_task(runtime.poll_store(), name="repserve-store-poll")
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_rescan)
+        hup = True
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):  # not the main thread (tests)
+        hup = False
+    try:
+        yield
+    finally:
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        await anyio.to_thread.run_sync(runtime.close)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new RepServe app; its runtime (backbone, tasks, engine) is built by the lifespan."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="RepServe",
+        version=__version__,
+        description="Many image classifiers from one frozen backbone: RepAdapter task weights are merged in "
+                    "or run per row, per batch. Errors are JSON `{\"error\": code, \"detail\": message}`.",
+        lifespan=_lifespan,
+        # A streaming bound for every body (chunked ones too); routes check their own, tighter limits.
+        max_body_size=max(settings.max_bundle_bytes, settings.max_images_per_request * settings.max_image_bytes)
+        + (1 << 20),
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.add_exception_handler(RepServeError, _repserve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    def task_label(name: str | None) -> str:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        return name if name is not None and runtime is not None and name in runtime.registry else "unknown"
+
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, task_label=task_label)
+    for router in (classify.router, tasks.router, health.router):
+        app.include_router(router)
+    return app

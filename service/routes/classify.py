@@ -1,0 +1,83 @@
+"""POST /classify: HTTP in, engine call, HTTP out. No tensors are touched here: decoding and
+preprocessing run in a worker thread, inference on the engine's worker."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+from repadapter.errors import ImageError, PayloadTooLarge
+
+from ..deps import ReadyRuntime, require_reader
+from ..errors import MalformedRequest
+from ..images import ImageLimits, preprocess
+from ..schemas import ClassifyResponse, ErrorBody, ImageResult, Prediction, Timings
+from ..settings import Settings
+from ..uploads import Upload, media_type, read_body, read_files
+
+router = APIRouter(tags=["classify"])
+
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 500, 503)}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Images as multipart `files` (one or more), or one image as the raw body.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            }},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+async def _uploads(request: Request, s: Settings) -> list[Upload]:
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        files = await read_files(request, ("files",), max_files=s.max_images_per_request,
+                                 file_limit=s.max_image_bytes)
+        if not files.get("files"):
+            raise MalformedRequest("the multipart body has no `files`; send each image as a `files` part")
+        return files["files"]
+    if kind.startswith("image/") or kind == "application/octet-stream":
+        return [Upload(await read_body(request, s.max_image_bytes))]
+    raise ImageError(f"send images as multipart/form-data `files` or one image with Content-Type image/*; "
+                     f"got {kind or 'no Content-Type'}")
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_BODY,
+             dependencies=[Depends(require_reader)])
+async def classify(
+    request: Request,
+    runtime: ReadyRuntime,
+    task: Annotated[str, Query(description="Name of the task to classify with (see GET /tasks).")],
+    top_k: Annotated[int, Query(ge=1, le=1000, description="Labels per image (capped at the task's)")] = 5,
+) -> ClassifyResponse:
+    """Top-k labels for each image, by the task version current when the request was accepted."""
+    start = time.perf_counter()
+    s = runtime.settings
+    loaded = runtime.registry.get(task)  # 404 before reading the body
+    uploads = await _uploads(request, s)
+    if len(uploads) > s.max_images_per_request:
+        raise PayloadTooLarge(f"{len(uploads)} images; at most {s.max_images_per_request} per request")
+    received = time.perf_counter()
+    x = await run_in_threadpool(preprocess, uploads, loaded.manifest.preprocess,
+                                ImageLimits(s.max_image_bytes, s.max_image_pixels))
+    decoded = time.perf_counter()
+    result = await runtime.engine.submit(loaded, x, top_k)
+    return ClassifyResponse(
+        task=loaded.name,
+        task_version=loaded.version,
+        results=[ImageResult(index=i, filename=up.filename,
+                             predictions=[Prediction(label=label, score=score) for label, score in preds])
+                 for i, (up, preds) in enumerate(zip(uploads, result.predictions, strict=True))],
+        batch_sizes=result.batch_sizes,
+        modes=result.modes,
+        timings=Timings(decode_ms=(decoded - received) * 1e3, queue_ms=result.queue_s * 1e3,
+                        inference_ms=result.inference_s * 1e3, total_ms=(time.perf_counter() - start) * 1e3),
+    )

@@ -1,0 +1,111 @@
+"""Service configuration: environment variables with one prefix (``REPSERVE_``), overridable by CLI flags.
+
+Every field is typed, defaulted and described; the README's configuration table is generated from this
+class (:func:`settings_table`) and a unit test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+ENV_PREFIX = "REPSERVE_"
+
+
+class Settings(BaseSettings):
+    """All knobs of one RepServe process (one backbone, one store)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="Interface to bind (`0.0.0.0` in containers).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    store: Path = Field(Path("adapters_store"), description="Task store directory (created if missing).")
+    backbone: str = Field("embedded", description="`embedded` (ImageNet MobileNetV2) or a timm architecture name.")
+    checkpoint: Path | None = Field(None, description="Local backbone weights (safetensors or torch file); "
+                                    "without one a non-embedded backbone is randomly initialised from `seed`.")
+    backbone_options: dict[str, Any] = Field(
+        default_factory=dict, description='Extra timm `create_model` arguments as JSON, e.g. `{"img_size": 64}`.')
+    seed: int = Field(0, description="Seed of a backbone without checkpoint (its fingerprint depends on it).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` picks CUDA when available.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Backbone and head dtype (softmax is always float32).")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for POST/DELETE /tasks (also accepted where the classify token is); "
+        "unset: open.")
+    classify_token: SecretStr | None = Field(
+        None, description="Bearer token for /classify and GET /tasks (the admin token also works); unset: open.")
+    policy: Literal["auto", "merged", "mixed"] = Field(
+        "auto", description="`merged`: switch weights per batch; `mixed`: unmerged per-row adapters; "
+        "`auto`: chosen per batch from the queue mix and measured costs.")
+    max_batch: int = Field(16, ge=1, le=4096, description="Most images in one forward pass.")
+    max_delay_ms: float = Field(5.0, ge=0, description="Longest a request waits for its batch to fill.")
+    starvation_ms: float = Field(
+        200.0, gt=0, description="A queue whose oldest request waited this long is served next, oldest first.")
+    max_queue_images: int = Field(
+        1024, ge=1, description="Images waiting in all queues before new requests get 503 `queue_full`.")
+    request_timeout_s: float = Field(30.0, gt=0, description="A classification not answered by then gets 503.")
+    max_images_per_request: int = Field(64, ge=1, description="Most images in one /classify request.")
+    max_image_bytes: int = Field(20 << 20, ge=1, description="Largest encoded image, in bytes (413 above).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded image, width x height (413 above; decompression bombs).")
+    max_bundle_bytes: int = Field(512 << 20, ge=1, description="Largest task upload to POST /tasks, in bytes.")
+    delta_cache_size: int = Field(
+        32, ge=1, description="Precomputed task deltas kept (LRU); a miss costs one fold at switch time.")
+    store_poll_s: float = Field(
+        10.0, ge=0, description="Store re-scan interval in seconds (0: only at start and on SIGHUP).")
+    builtin_task: str = Field(
+        "imagenet", description="Serve the backbone's own classifier as this task when it has one (empty: off).")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads torch uses in this process (0: torch's default, from OMP_NUM_THREADS or "
+        "the cores); match the CPU limit, or 1 on a small shared machine.")
+    warmup: bool = Field(True, description="Warm up every input size and measure the costs `auto` needs before "
+                         "reporting ready (without it `auto` serves merged).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+
+    @field_validator("admin_token", "classify_token", mode="after")
+    @classmethod
+    def _empty_token_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
+        # An empty token would make "Authorization: Bearer " valid; treat it as not configured.
+        return v if v is not None and v.get_secret_value() else None
+
+    # torch is imported on use only: `python -m service --help` and the docs table stay instant.
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def resolved_device(self) -> str:
+        """``cpu`` or ``cuda`` (``auto``: CUDA when available)."""
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def default_text(name: str) -> str:
+    """A field's default as written in docs and ``--help`` (``unset`` for ``None``)."""
+    value = Settings.model_fields[name].get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, dict | bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def settings_table() -> str:
+    """The README's configuration table (markdown), one row per :class:`Settings` field."""
+    rows = ["| variable | default | description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = default_text(name)
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {'unset' if default == 'unset' else f'`{default}`'} "
+                    f"| {field.description} |")
+    return "\n".join(rows) + "\n"

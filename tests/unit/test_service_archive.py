@@ -1,0 +1,58 @@
+"""Bundle archives: layouts accepted, and limits that stop zip/tar bombs before they are read."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from repadapter.errors import PayloadTooLarge
+from service.archive import read_bundle_archive
+from service.errors import MalformedRequest
+from tests.servicekit import archive
+
+FILES = {"manifest.json": b'{"name": "x"}', "adapter.safetensors": b"\x01" * 100}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_reads_the_two_files_at_any_depth(kind):
+    blob = archive({**FILES, "README.md": b"ignored"}, kind, prefix="fashion/v000003/")
+    assert read_bundle_archive(blob, limit=1000) == (FILES["manifest.json"], FILES["adapter.safetensors"])
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_member_over_the_limit_is_413(kind):
+    with pytest.raises(PayloadTooLarge, match=r"adapter.safetensors in the archive is 100 bytes, the limit is 50"):
+        read_bundle_archive(archive(FILES, kind), limit=50)
+
+
+def test_highly_compressed_padding_is_cut_off():
+    bomb = archive({**FILES, "padding.bin": b"\x00" * 5_000_000}, "tar.gz")
+    assert len(bomb) < 20_000
+    with pytest.raises(PayloadTooLarge, match="the archive's content"):
+        read_bundle_archive(bomb, limit=10_000)
+
+
+def test_zip_whose_declared_size_lies_is_still_bounded():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", FILES["manifest.json"])
+        zf.writestr("adapter.safetensors", b"\x00" * 10_000)
+    with pytest.raises(PayloadTooLarge):
+        read_bundle_archive(buf.getvalue(), limit=1_000)
+
+
+@pytest.mark.parametrize(("files", "says"), [
+    ({"manifest.json": b"{}"}, "exactly one adapter.safetensors, found 0"),
+    ({**FILES, "other/manifest.json": b"{}"}, "exactly one manifest.json, found 2"),
+])
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_wrong_layouts_are_422(files, says, kind):
+    with pytest.raises(MalformedRequest, match=says):
+        read_bundle_archive(archive(files, kind), limit=1000)
+
+
+def test_not_an_archive_is_422():
+    with pytest.raises(MalformedRequest, match="neither a zip nor a tar"):
+        read_bundle_archive(b"\x00garbage" * 100, limit=1000)

@@ -1,0 +1,76 @@
+"""Settings from the environment, CLI overrides, and the README's configuration table."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.__main__ import build_parser, main, settings_from_args
+from service.settings import ENV_PREFIX, Settings, settings_table
+
+README = Path(__file__).resolve().parents[2] / "service" / "README.md"
+
+
+def test_environment_with_prefix(monkeypatch):
+    monkeypatch.setenv("REPSERVE_MAX_BATCH", "32")
+    monkeypatch.setenv("REPSERVE_POLICY", "mixed")
+    monkeypatch.setenv("REPSERVE_BACKBONE_OPTIONS", '{"img_size": 64, "depth": 3}')
+    monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("REPSERVE_DTYPE", "bfloat16")
+    s = Settings()
+    assert (s.max_batch, s.policy, s.backbone_options) == (32, "mixed", {"img_size": 64, "depth": 3})
+    assert s.admin_token.get_secret_value() == "s3cret"
+    assert s.torch_dtype is torch.bfloat16
+    assert "s3cret" not in repr(s)
+
+
+def test_empty_token_means_unset(monkeypatch):
+    monkeypatch.setenv("REPSERVE_CLASSIFY_TOKEN", "")
+    assert Settings().classify_token is None
+
+
+def test_invalid_values_are_refused(monkeypatch):
+    monkeypatch.setenv("REPSERVE_POLICY", "fastest")
+    with pytest.raises(ValueError, match="policy"):
+        Settings()
+
+
+def test_cli_flags_override_the_environment(monkeypatch):
+    monkeypatch.setenv("REPSERVE_MAX_BATCH", "32")
+    monkeypatch.setenv("REPSERVE_PORT", "9000")
+    args = vars(build_parser().parse_args(["--max-batch", "8", "--no-warmup", "--backbone-options", '{"depth": 2}',
+                                           "--store", "/tmp/x"]))
+    s = settings_from_args(args)
+    assert (s.max_batch, s.port, s.warmup, s.backbone_options, s.store) == (8, 9000, False, {"depth": 2},
+                                                                            Path("/tmp/x"))
+
+
+def test_every_setting_has_a_flag_and_a_description():
+    help_text = build_parser().format_help()
+    for name, field in Settings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert field.description
+
+
+def test_bad_configuration_exits_2(capsys):
+    assert main(["--max-batch", "0"]) == 2
+    assert "max_batch" in capsys.readouterr().err
+
+
+def test_readme_table_matches_settings():
+    text = README.read_text()
+    table = re.search(r"<!-- config-table:start -->\n(.*?)<!-- config-table:end -->", text, re.S).group(1)
+    assert table == settings_table()
+    documented = re.findall(rf"\| `{ENV_PREFIX}([A-Z0-9_]+)` \|", table)
+    assert [d.lower() for d in documented] == list(Settings.model_fields)
+
+
+def test_print_config_table_and_help_run_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "service", "--print-config-table"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    assert out == settings_table()
