@@ -8,14 +8,15 @@ A *site* is the input of a module whose only consumers are linear maps we can fo
   BatchNorm's running mean (exact in eval mode).
 
 Each site gets an :class:`AdapterSlot` child (``adapter_attn``, ``adapter_mlp``, ``adapter_pw``,
-``adapter_pwl``: the official checkpoint naming) and a forward pre-hook on the consuming module, so
-timm's own block forward (LayerScale, drop-path, fused attention) runs untouched. Layouts we do not
+``adapter_pwl``: the official checkpoint naming) which, while it holds an adapter, transforms the
+consuming module's input through a forward pre-hook, so timm's own block forward (LayerScale,
+drop-path, fused attention) runs untouched. Layouts we do not
 know raise :class:`UnsupportedBackbone` instead of being adapted wrongly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
@@ -50,14 +51,38 @@ class AdapterSlot(nn.Module):
     """What transforms one site's input: nothing (base or merged weights), one adapter, or a mixed batch.
 
     The slot is an identity until ``adapter`` (training, unmerged serving) or ``mixed`` (per-row
-    adapters of several tasks in one batch, set by :mod:`repadapter.mixed`) is set.
+    adapters of several tasks in one batch, set by :mod:`repadapter.mixed`) is set. Its forward pre-hook
+    on the consuming module exists only while one of them is set: an empty slot costs nothing, so a
+    merged forward runs exactly the plain backbone's modules (no Python hook dispatch per layer).
     """
 
-    def __init__(self, dim: int, layout: Layout) -> None:
+    def __init__(self, dim: int, layout: Layout, consumer: nn.Module | None = None) -> None:
         super().__init__()
         self.dim, self.layout = dim, layout
+        object.__setattr__(self, "_consumer", consumer)  # a plain reference, not a submodule
+        object.__setattr__(self, "_hook", None)
         self.adapter: RepAdapter | None = None
         self.mixed: Any = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("adapter", "mixed"):
+            self._sync_hook()
+
+    def _sync_hook(self) -> None:
+        needed = getattr(self, "adapter", None) is not None or getattr(self, "mixed", None) is not None
+        hook: RemovableHandle | None = self._hook
+        if needed and hook is None and self._consumer is not None:
+            hook = self._consumer.register_forward_pre_hook(_slot_hook(self), with_kwargs=True)
+        elif not needed and hook is not None:
+            hook.remove()
+            hook = None
+        object.__setattr__(self, "_hook", hook)
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the slot currently intercepts its consumer's input."""
+        return self._hook is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mixed is not None:
@@ -77,7 +102,6 @@ class Site:
     name: str
     slot: AdapterSlot
     targets: list[Target]
-    hook: RemovableHandle | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -182,11 +206,9 @@ def attach_slots(model: nn.Module, placement: Placement = "block") -> list[Site]
         found = _vit_sites(name, block, placement) if _is_vit_block(block) else _cnn_sites(name, block, placement)
         for slot_name, consumer, target, dim in found:
             layout: Layout = "token" if _is_vit_block(block) else "channel"
-            slot = AdapterSlot(dim, layout)
+            slot = AdapterSlot(dim, layout, consumer)
             block.add_module(slot_name, slot)
-            site = Site(f"{name}.{slot_name}", slot, [target])
-            site.hook = consumer.register_forward_pre_hook(_slot_hook(slot), with_kwargs=True)
-            sites.append(site)
+            sites.append(Site(f"{name}.{slot_name}", slot, [target]))
     return sites
 
 

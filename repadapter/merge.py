@@ -14,6 +14,7 @@ and a task's merged weights are bitwise identical every time it becomes active.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,22 @@ class TargetDelta:
     dc: Tensor  # [out]
 
 
-@dataclass
+@dataclass(eq=False)
 class TaskDelta:
-    """Everything a switch to one task needs, per target layer, in the model's dtype and device."""
+    """Everything a switch to one task needs, per target layer, in the model's dtype and device.
+
+    ``merged`` is filled by a switcher with a hot cache: the task's merged weights as first computed,
+    so the next switch to it is a plain copy (bitwise the same values, at memory-copy speed).
+    """
 
     name: str
     targets: dict[int, TargetDelta]  # index into the switcher's flat target list
+    merged: dict[int, Tensor] | None = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self.targets.values() for t in (d.u, d.a, d.dc))
+        tensors = [t for d in self.targets.values() for t in (d.u, d.a, d.dc)]
+        tensors += list(self.merged.values()) if self.merged else []
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _split(vec: Tensor, parts: tuple[Tensor, ...]) -> list[Tensor]:
@@ -96,8 +104,10 @@ class WeightSwitcher:
     after construction, so it may run on any thread (e.g. validating a registration off the worker).
     """
 
-    def __init__(self, sites: list[Site]) -> None:
+    def __init__(self, sites: list[Site], *, hot_cache: int = 0) -> None:
         self.sites = sites
+        self.hot_cache = hot_cache
+        self._hot: OrderedDict[int, TaskDelta] = OrderedDict()  # id -> delta holding merged weights, LRU
         self.targets: list[Target] = []
         self._index: dict[str, list[int]] = {}
         for site in sites:
@@ -130,22 +140,39 @@ class WeightSwitcher:
     def activate(self, delta: TaskDelta | None) -> None:
         """Make ``delta``'s task live (``None``: the plain backbone). Goes A -> B directly.
 
-        Every target the new task touches is recomputed from pristine; every other target the old task
-        had touched is restored by a copy. The result is bitwise independent of the switch history.
+        Every target the new task touches is recomputed from pristine (one rank-r ``addmm``), or copied
+        from the task's cached merged weights when it is hot; every other target the old task had
+        touched is restored by a copy. The result is bitwise independent of the switch history.
         """
-        touched = set(delta.targets) if delta is not None else set()
+        merged = delta.merged if delta is not None else None
         for i, target in enumerate(self.targets):
             d = delta.targets.get(i) if delta is not None else None
             if d is None:
                 if self.active is not None:
                     self._restore(i, target)
                 continue
-            _addmm_into(target.weight_2d, self._base_w[i], d.u, d.a)
+            if merged is not None:
+                target.weight_2d.copy_(merged[i])
+            else:
+                _addmm_into(target.weight_2d, self._base_w[i], d.u, d.a)
             dc_parts = _split(d.dc, target.bias_parts)
             for live, base, dc in zip(target.bias_parts, self._base_b[i], dc_parts, strict=True):
                 torch.add(base, dc, alpha=target.bias_sign, out=live)
         self.active = delta.name if delta is not None else None
-        log.debug("activated task=%s targets=%d", self.active, len(touched))
+        if delta is not None and self.hot_cache > 0:
+            self._remember(delta)
+        log.debug("activated task=%s hot=%s", self.active, merged is not None)
+
+    def _remember(self, delta: TaskDelta) -> None:
+        """Keep ``delta``'s merged weights for the ``hot_cache`` most recently used tasks."""
+        key = id(delta)
+        if delta.merged is None:
+            delta.merged = {i: self.targets[i].weight_2d.clone() for i in delta.targets}
+        self._hot[key] = delta
+        self._hot.move_to_end(key)
+        while len(self._hot) > self.hot_cache:
+            _, evicted = self._hot.popitem(last=False)
+            evicted.merged = None
 
     @torch.no_grad()
     def reset(self) -> None:

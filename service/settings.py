@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = Field(512 << 20, ge=1, description="Largest task upload to POST /tasks, in bytes.")
     delta_cache_size: int = Field(
         32, ge=1, description="Precomputed task deltas kept (LRU); a miss costs one fold at switch time.")
+    hot_cache_size: int = Field(
+        4, ge=0, description="Tasks whose merged weights stay cached, so switching to them is a memory copy "
+        "(each costs one copy of the adapted layers' weights); 0: every switch recomputes (rank-r addmm).")
     store_poll_s: float = Field(
         10.0, ge=0, description="Store re-scan interval in seconds (0: only at start and on SIGHUP).")
     builtin_task: str = Field(

@@ -90,12 +90,13 @@ def _live(sw: WeightSwitcher) -> list[torch.Tensor]:
     return [t.weight_2d.clone() for t in sw.targets] + [p.clone() for t in sw.targets for p in t.bias_parts]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype):
+@pytest.mark.parametrize(("dtype", "hot_cache"), [(torch.float32, 0), (torch.float16, 0), (torch.bfloat16, 0),
+                                                 (torch.float32, 2), (torch.bfloat16, 2)])
+def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype, hot_cache):
     bb = tiny_vit("vit_tiny_patch16_224", depth=2)
     bb.model.to(dtype)
     sites = attach_slots(bb.model)
-    sw = WeightSwitcher(sites)
+    sw = WeightSwitcher(sites, hot_cache=hot_cache)
     pristine = _live(sw)
     deltas = [sw.prepare(f"t{i}", random_adapters(sites, seed=10 + i)) for i in range(5)]
     # a 6th task adapting only half the sites: switching to it must restore the others exactly
@@ -115,6 +116,30 @@ def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype):
     assert all(torch.equal(a, b) for a, b in zip(_live(sw), pristine, strict=True))
     assert sw.drift() == 0.0
     assert len(first) == len(deltas) + 1
+    assert sum(d.merged is not None for d in deltas) == hot_cache  # the LRU holds exactly hot_cache tasks
+
+
+def test_empty_slots_leave_the_forward_untouched(tiny_vit, photos):
+    """Merged serving runs exactly the plain modules: hooks exist only while a slot holds something."""
+    bb = tiny_vit("vit_tiny_patch16_224", depth=2)
+    sites = attach_slots(bb.model)
+    consumers = [bb.model.blocks[0].attn, bb.model.blocks[0].mlp]
+    assert not any(s.slot.hooked for s in sites)
+    assert all(len(c._forward_pre_hooks) == 0 for c in consumers)
+    adapters = random_adapters(sites, seed=50)
+    x = image_batch(photos[:1], bb)
+    with torch.no_grad():
+        plain = bb.model(x)
+        sites[0].slot.adapter = RepAdapter.from_weights(adapters[sites[0].name]).eval()
+        assert sites[0].slot.hooked
+        assert len(consumers[0]._forward_pre_hooks) == 1
+        assert rel_err(bb.model(x), plain) > 1e-3
+        with mixed_batch(sites, [adapters], torch.zeros(1, dtype=torch.long)):
+            assert all(s.slot.hooked for s in sites)
+        clear_adapters(sites)
+        assert not any(s.slot.hooked for s in sites)
+        assert all(len(c._forward_pre_hooks) == 0 for c in consumers)
+        assert torch.equal(bb.model(x), plain)
 
 
 def test_subtractive_unmerge_drifts_in_bf16(tiny_vit):
