@@ -1,0 +1,10 @@
+"""RepServe benchmarks: every figure a ratio measured side by side in one run, written to BENCHMARKS.md.
+
+Each benchmark is a module with ``main(argv)`` (``python -m bench.<name>``), a ``render(result)`` that
+turns its JSON result into markdown, and a ``plot(result, path)``; ``python -m bench`` runs them all and
+``python -m bench.report`` assembles BENCHMARKS.md from ``bench/results/*.json``. ``--quick`` is the
+smallest size (what CI runs so the scripts cannot rot); timings are never asserted in tests.
+"""
+
+BENCHMARKS: tuple[str, ...] = ("inference", "switch", "memory")
+"""Benchmarks in report order; the serving-load and training benchmarks slot in here when they exist."""

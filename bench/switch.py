@@ -1,0 +1,278 @@
+"""Task switch: how long ``WeightSwitcher.activate`` takes to make another task's merged weights live.
+
+The floor for rewriting the affected weights is one copy of them (read + write the same bytes), so the
+figure is the switch time over a ``dst.copy_(src)`` of exactly the targets' sizes and dtype, measured
+interleaved in the same rounds. Goal: switch A -> B <= 1.5 x copy. Cases:
+- ``switch``: A -> B with A active (deltas prepared beforehand: the per-task, once-only ``prepare`` is
+  timed separately as ``prepare``, the first-use cost of a task): a cold switch, one ``addmm`` per target;
+- ``switch_hot``: the same with both tasks in the switcher's hot cache (what the service does for its
+  ``hot_cache_size`` most recent tasks): a copy of the cached merged weights;
+- ``to_base`` (A -> plain backbone) and ``from_base`` (plain -> A);
+- naive alternatives on a plain model: ``reload_memory`` (``load_state_dict`` of a full fine-tuned copy
+  held in memory on the device: the best case of one-full-model-per-task), ``reload_disk`` (the same from
+  a safetensors file, page cache warm) and ``deepcopy`` (``copy.deepcopy`` of the model).
+A second, kernel-level comparison on tensors of the targets' shapes explains the ratio: ``addmm`` (what
+``activate`` runs per target), ``mm_only`` (the rank-r product alone, no base read: the compute floor of
+recomputing), ``chunked`` (copy then in-place addmm per L2-sized row chunk), ``stacked`` (targets of one
+shape stored as one ``[n, out, in]`` buffer, one ``baddbmm`` per shape: two kernel launches for a ViT instead
+of a few per layer, what matters on a GPU) and ``swap`` (pointing the parameters at cached merged tensors:
+a merged-weight cache, which costs one copy of the affected weights per cached task).
+
+    python -m bench.switch [--quick] [--archs vit_tiny,vit_base] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from repadapter import WeightSwitcher, attach_slots
+
+from . import common
+from .common import Case
+
+TITLE = "Task switch"
+NAME = "switch"
+GOAL = 1.5
+FULL = {"archs": ["embedded", "vit_tiny", "vit_small", "vit_base"], "repeats": 15}
+QUICK = {"archs": ["vit_tiny"], "repeats": 2}
+CASES = ("switch", "switch_hot", "to_base", "from_base", "copy", "prepare", "reload_memory", "reload_disk", "deepcopy")
+KERNELS = ("copy", "addmm", "mm_only", "chunked", "stacked", "swap")
+CHUNK_BYTES = 1 << 20
+"""Row chunk of the ``chunked`` kernel: about one core's L2, so the in-place addmm re-reads from cache."""
+
+
+def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
+                 tmp: Path) -> tuple[dict[str, Case], dict[str, Any], list[tuple[int, int]]]:
+    """The timed cases for one backbone, the byte counts the ratios are about, the targets' weight shapes."""
+    bb = common.load(name, device, dtype, seed)
+    plain = bb.model
+    model = copy.deepcopy(plain)
+    sw = WeightSwitcher(attach_slots(model))
+    a, b, c = ({k: w.to(device) for k, w in common.random_adapters(sw.sites, seed + i).items()} for i in (1, 2, 3))
+    delta_a, delta_b = sw.prepare("a", a), sw.prepare("b", b)
+    affected = [t for target in sw.targets for t in (target.weight_2d, *target.bias_parts)]
+    src = [t.detach().clone() for t in affected]
+    dst = [torch.empty_like(t) for t in affected]
+    hot = WeightSwitcher(attach_slots(copy.deepcopy(plain)), hot_cache=2)
+    hot_a, hot_b = hot.prepare("a", a), hot.prepare("b", b)
+    hot.activate(hot_a)
+    hot.activate(hot_b)  # both hot from now on
+    finetuned = {k: v.clone() for k, v in plain.state_dict().items()}  # one full model per task
+    path = tmp / f"{name}.safetensors"
+    save_file({k: v.contiguous().cpu() for k, v in finetuned.items()}, str(path))
+
+    def copy_all() -> None:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+    cases = {
+        "switch": Case(lambda: sw.activate(delta_b), setup=lambda: sw.activate(delta_a)),
+        "switch_hot": Case(lambda: hot.activate(hot_b), setup=lambda: hot.activate(hot_a)),
+        "to_base": Case(lambda: sw.activate(None), setup=lambda: sw.activate(delta_a)),
+        "from_base": Case(lambda: sw.activate(delta_a), setup=lambda: sw.activate(None)),
+        "copy": Case(copy_all),
+        "prepare": Case(lambda: sw.prepare("c", c)),
+        "reload_memory": Case(lambda: plain.load_state_dict(finetuned)),
+        "reload_disk": Case(lambda: plain.load_state_dict(load_file(str(path), device=str(device)))),
+        "deepcopy": Case(lambda: copy.deepcopy(plain)),
+    }
+    facts = {"targets": len(sw.targets), "affected_bytes": common.nbytes(affected),
+             "delta_bytes": delta_a.nbytes(), "model_bytes": common.model_nbytes(plain)}
+    return cases, facts, [tuple(t.weight_2d.shape) for t in sw.targets]
+
+
+def kernel_cases(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype,
+                 seed: int, hidden: int = 8) -> dict[str, Case]:
+    """Candidate switch kernels on standalone tensors of the targets' weight shapes ``[out, in]``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    base = [rnd(*s) for s in shapes]
+    live = [torch.empty_like(t) for t in base]
+    u = [rnd(s[0], hidden) for s in shapes]
+    a = [rnd(hidden, s[1]) for s in shapes]
+    params = [nn.Parameter(t.clone(), requires_grad=False) for t in base]
+    cached = [[torch.addmm(bw, uu, aa) for bw, uu, aa in zip(base, u, a, strict=True)] for _ in range(2)]
+    state = {"which": 0}
+
+    def copy_all() -> None:
+        for lv, bw in zip(live, base, strict=True):
+            lv.copy_(bw)
+
+    def addmm() -> None:
+        for lv, bw, uu, aa in zip(live, base, u, a, strict=True):
+            torch.addmm(bw, uu, aa, out=lv)
+
+    def mm_only() -> None:
+        for lv, uu, aa in zip(live, u, a, strict=True):
+            torch.mm(uu, aa, out=lv)
+
+    def chunked() -> None:
+        for lv, bw, uu, aa in zip(live, base, u, a, strict=True):
+            rows = max(1, CHUNK_BYTES // (bw.shape[1] * bw.element_size()))
+            for i in range(0, bw.shape[0], rows):
+                part = lv[i:i + rows]
+                part.copy_(bw[i:i + rows])
+                part.addmm_(uu[i:i + rows], aa)
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(tuple(s), []).append(i)
+    stacked_args = [(torch.stack([base[i] for i in idx]), torch.stack([u[i] for i in idx]),
+                     torch.stack([a[i] for i in idx])) for idx in groups.values()]
+    stacked_out = [torch.empty_like(b) for b, _, _ in stacked_args]
+
+    def stacked() -> None:
+        for out, (bw, uu, aa) in zip(stacked_out, stacked_args, strict=True):
+            torch.baddbmm(bw, uu, aa, out=out)
+
+    def swap() -> None:
+        state["which"] ^= 1
+        for p, t in zip(params, cached[state["which"]], strict=True):
+            p.data = t
+
+    return {"copy": Case(copy_all), "addmm": Case(addmm), "mm_only": Case(mm_only), "chunked": Case(chunked),
+            "stacked": Case(stacked), "swap": Case(swap)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = common.parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--min-time", type=float, help="seconds per timing sample (default 0.05; quick: 0)")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level comparison")
+    args = p.parse_args(argv)
+    run = common.Run(NAME, args, argv)
+    archs = common.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
+    repeats = common.pick(args.repeats, QUICK["repeats"], FULL["repeats"], args.quick)
+    min_time = common.pick(args.min_time, 0.0, 0.05, args.quick)
+    rows, kernels = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in archs:
+            for dt in run.dtypes:
+                dtype = common.DTYPES[dt]
+                run.log.info("%s %s", name, dt)
+                cases, facts, shapes = switch_cases(name, run.device, dtype, args.seed, Path(tmp))
+                samples = common.measure(cases, repeats=repeats, warmup=args.warmup, min_time=min_time,
+                                         device=run.device)
+                rows.append(_row(name, dt, samples, facts))
+                if not args.no_kernels:
+                    ks = common.measure(kernel_cases(shapes, run.device, dtype, args.seed), repeats=repeats,
+                                        warmup=args.warmup, min_time=min_time, device=run.device)
+                    kernels.append({"arch": name, "dtype": dt,
+                                    **{k: common.summarize(v) for k, v in ks.items()},
+                                    "vs_copy": {k: common.paired_ratio(v, ks["copy"]) for k, v in ks.items()}})
+                del cases
+    if run.device.type == "cpu" and any(k != "fp32" for k in run.dtypes):
+        run.note("CPU half precision: activate() may fold in float32 and round once (no fast CPU bf16 matmul); "
+                 "the kernel table times the plain addmm in the target dtype.")
+    run.note("reload_memory keeps each task's full fine-tuned state dict on the device (its best case); "
+             "reload_disk reads a safetensors file from a warm page cache.")
+    worst = max(rows, key=lambda r: r["ratios"]["switch_vs_copy"])
+    worst_hot = max(rows, key=lambda r: r["ratios"]["switch_hot_vs_copy"])
+    results = {"rows": rows, "kernels": kernels,
+               "goal": {"switch_vs_copy_max": GOAL, "met": sum(r["ratios"]["switch_vs_copy"] <= GOAL for r in rows),
+                        "met_hot": sum(r["ratios"]["switch_hot_vs_copy"] <= GOAL for r in rows),
+                        "of": len(rows), "worst": {"arch": worst["arch"], "dtype": worst["dtype"],
+                                                   "switch_vs_copy": worst["ratios"]["switch_vs_copy"]},
+                        "worst_hot": {"arch": worst_hot["arch"], "dtype": worst_hot["dtype"],
+                                      "switch_vs_copy": worst_hot["ratios"]["switch_hot_vs_copy"]}}}
+    config = {"archs": archs, "repeats": repeats, "warmup": args.warmup, "min_time_s": min_time,
+              "dtypes": run.dtypes, "adapter": {"hidden": 8, "groups": 2, "scale": 1.0},
+              "chunk_bytes": CHUNK_BYTES}
+    return run.finish(config, results, render, plot)
+
+
+def _row(name: str, dt: str, samples: dict[str, list[float]], facts: dict[str, Any]) -> dict[str, Any]:
+    copy_s = samples["copy"]
+    switch_s = samples["switch"]
+    med = {k: common.summarize(v) for k, v in samples.items()}
+    return {
+        "arch": name, "dtype": dt, **facts, "times": med,
+        "ratios": {
+            "switch_vs_copy": common.paired_ratio(switch_s, copy_s),
+            "switch_hot_vs_copy": common.paired_ratio(samples["switch_hot"], copy_s),
+            "to_base_vs_copy": common.paired_ratio(samples["to_base"], copy_s),
+            "from_base_vs_copy": common.paired_ratio(samples["from_base"], copy_s),
+            "prepare_vs_switch": common.paired_ratio(samples["prepare"], switch_s),
+            "reload_memory_vs_switch": common.paired_ratio(samples["reload_memory"], switch_s),
+            "reload_disk_vs_switch": common.paired_ratio(samples["reload_disk"], switch_s),
+            "deepcopy_vs_switch": common.paired_ratio(samples["deepcopy"], switch_s),
+        },
+        # read + write of the affected bytes per copy: the bandwidth the floor runs at
+        "copy_gb_per_s": 2 * facts["affected_bytes"] / med["copy"]["median_s"] / 1e9,
+    }
+
+
+def render(payload: dict[str, Any]) -> str:
+    """Markdown: goal verdict, the switch table, the naive alternatives, and the kernel table."""
+    res = payload["results"]
+    goal, w = res["goal"], res["goal"]["worst"]
+    t = common.fmt_s
+    parts = [
+        f"Goal: switch A -> B <= {goal['switch_vs_copy_max']} x one copy of the affected weights. Cold switch "
+        f"(rank-r addmm from pristine): met in **{goal['met']}/{goal['of']}**, worst **{w['switch_vs_copy']:.2f} x** "
+        f"({w['arch']}, {w['dtype']}). Hot switch (task in the hot cache): met in "
+        f"**{goal['met_hot']}/{goal['of']}**, worst **{goal['worst_hot']['switch_vs_copy']:.2f} x** "
+        f"({goal['worst_hot']['arch']}, {goal['worst_hot']['dtype']}).",
+        "",
+        "Medians; ratios in brackets are medians of per-round ratios (switch cases: x copy; "
+        "naive alternatives: x switch).",
+        "",
+    ]
+    table = []
+    for r in res["rows"]:
+        m, q = r["times"], r["ratios"]
+        table.append([
+            r["arch"], r["dtype"], common.fmt_bytes(r["affected_bytes"]),
+            f"{t(m['copy']['median_s'])} ({r['copy_gb_per_s']:.1f} GB/s)",
+            f"{t(m['switch']['median_s'])} (x{q['switch_vs_copy']:.2f})",
+            f"{t(m['switch_hot']['median_s'])} (x{q['switch_hot_vs_copy']:.2f})",
+            f"{t(m['to_base']['median_s'])} (x{q['to_base_vs_copy']:.2f})",
+            f"{t(m['from_base']['median_s'])} (x{q['from_base_vs_copy']:.2f})",
+            f"{t(m['prepare']['median_s'])}",
+            f"{t(m['reload_memory']['median_s'])} (x{q['reload_memory_vs_switch']:.1f})",
+            f"{t(m['reload_disk']['median_s'])} (x{q['reload_disk_vs_switch']:.1f})",
+            f"{t(m['deepcopy']['median_s'])} (x{q['deepcopy_vs_switch']:.1f})",
+        ])
+    parts.append(common.md_table(["backbone", "dtype", "affected weights", "copy (floor)", "switch A->B (cold)",
+                                  "switch A->B (hot)", "A->base", "base->A", "prepare (once per task)",
+                                  "reload state dict", "reload from disk", "deepcopy"], table))
+    if res["kernels"]:
+        parts += ["", "Kernels on tensors of the targets' weight shapes (x copy):", ""]
+        parts.append(common.md_table(
+            ["backbone", "dtype", *KERNELS],
+            [[k["arch"], k["dtype"], *(f"{t(k[n]['median_s'])} (x{k['vs_copy'][n]:.2f})" for n in KERNELS)]
+             for k in res["kernels"]]))
+    return "\n".join(parts)
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """Per backbone: bars of median times (log scale), the copy floor as a line."""
+    rows = payload["results"]["rows"]
+    fig, axes = common.subplots(len(rows), 1, width=4.6)
+    for ax, r in zip(axes[0], rows, strict=True):
+        names = [c for c in CASES if c != "copy"]
+        ax.bar(names, [r["times"][c]["median_s"] * 1e3 for c in names], color="tab:blue")
+        ax.axhline(r["times"]["copy"]["median_s"] * 1e3, color="tab:red", lw=1, label="copy (floor)")
+        ax.axhline(GOAL * r["times"]["copy"]["median_s"] * 1e3, color="tab:red", lw=1, ls="--", label="1.5 x copy")
+        ax.set(title=f"{r['arch']} {r['dtype']}", ylabel="ms")
+        common.log_axes(ax)
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.legend(fontsize=6)
+    common.save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

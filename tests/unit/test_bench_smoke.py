@@ -1,0 +1,120 @@
+"""Every benchmark runs at its --quick size and writes a well-formed result, so bench/ cannot rot.
+
+No timing is asserted (CI machines are shared); the assertions are on the result's shape, on every
+figure being a positive finite number, on the variants computing the same task, and on the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a folder of scripts at the repo root, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import BENCHMARKS, inference, memory, report, switch  # noqa: E402
+
+QUICK = ["--quick", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """All benchmarks at their quick size, in-process (one torch import), into one directory."""
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        for module in (inference, switch, memory):
+            module.main([*QUICK, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def read(results: Path, name: str) -> dict:
+    payload = json.loads((results / f"{name}.json").read_text())
+    assert payload["benchmark"] == name
+    assert payload["command"].startswith(f"python -m bench.{name} --quick")
+    assert payload["quick"] is True
+    assert payload["machine"]["torch_threads"] == 1
+    assert {"cpu", "torch", "timm", "device", "usable_cpus"} <= set(payload["machine"])
+    assert (results / f"{name}.png").stat().st_size > 1000
+    return payload
+
+
+def test_inference_quick(results):
+    res = read(results, "inference")["results"]
+    keys = {(r["arch"], r["dtype"], r["batch"]) for r in res["rows"]}
+    assert keys == {("embedded", "fp32", 1), ("vit_tiny", "fp32", 1)}
+    for arch, dtype, batch in keys:
+        variants = {r["variant"]: r for r in res["rows"] if (r["arch"], r["dtype"], r["batch"]) == (arch, dtype, batch)}
+        assert set(variants) == set(inference.VARIANTS)
+        for r in variants.values():
+            assert all(positive(r[k]) for k in ("median_s", "q1_s", "q3_s", "images_per_s", "speed_vs_plain"))
+    # the variants compute the same task (fp32): merged == unmerged, mixed row 0 == merged row 0
+    for c in res["checks"]:
+        assert c["merged_vs_unmerged"] < 1e-4
+        assert c["mixed_vs_merged_row0"] < 1e-4
+    assert res["goal"]["of"] == 2
+
+
+def test_switch_quick(results):
+    res = read(results, "switch")["results"]
+    (row,) = res["rows"]
+    assert (row["arch"], row["dtype"]) == ("vit_tiny", "fp32")
+    assert set(row["times"]) == set(switch.CASES)
+    assert all(positive(t["median_s"]) for t in row["times"].values())
+    assert all(positive(v) for v in row["ratios"].values())
+    # vit_tiny: 12 blocks x (qkv [576, 192] + fc1 [768, 192]) weights and biases, fp32
+    assert row["affected_bytes"] == 12 * (576 * 193 + 768 * 193) * 4
+    assert row["targets"] == 24
+    (kernels,) = res["kernels"]
+    assert all(positive(kernels[k]["median_s"]) and positive(kernels["vs_copy"][k]) for k in switch.KERNELS)
+
+
+def test_memory_quick(results):
+    res = read(results, "memory")["results"]
+    assert positive(res["baseline"]["rss_bytes"])
+    (arch,) = res["archs"]
+    assert arch["arch"] == "vit_tiny"
+    assert [r["n"] for r in arch["rows"]] == [1, 10]
+    for r in arch["rows"]:
+        assert positive(r["repserve_bytes"])
+        assert positive(r["copies_bytes"])
+        assert positive(r["copies_vs_repserve"])
+    # 10 tasks hold 10 bundles; the LRU holds min(N, 8) deltas
+    assert arch["rows"][1]["bundle_bytes"] == 10 * arch["bundle_bytes_per_task"]
+    assert arch["rows"][1]["delta_bytes"] == 8 * arch["delta_bytes_per_task"]
+    assert arch["rows"][1]["copies_extrapolated"]
+    assert not arch["rows"][0]["copies_extrapolated"]
+    assert all(math.isfinite(v) for v in arch["fit"].values())
+
+
+def test_report_is_idempotent(results, tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    args = ["--results", str(results), "--output", str(output)]
+    assert report.main(args) == 0
+    first = output.read_text()
+    assert report.main([*args, "--check"]) == 0
+    assert report.main(args) == 0
+    assert output.read_text() == first
+    for name in BENCHMARKS:
+        assert f"`python -m bench.{name} --quick" in first
+        assert f"{name}.png)" in first
+    assert "Not run yet" not in first
+
+
+def test_report_without_results(tmp_path):
+    output = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(tmp_path / "none"), "--output", str(output)]) == 0
+    text = output.read_text()
+    assert all(f"Not run yet: `python -m bench.{name}`" in text for name in BENCHMARKS)
