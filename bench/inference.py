@@ -2,13 +2,11 @@
 
 Per backbone, dtype and batch size, five variants run interleaved in the same rounds on the same input:
 - ``plain``: the timm backbone as created, no slots, no hooks;
-- ``merged``: RepServe serving one task: slots attached (their forward pre-hooks stay), task folded in by
+- ``merged``: RepServe serving one task: slots attached (empty slots keep no hooks), task folded in by
   :class:`WeightSwitcher` (what the engine runs for a batch of one task);
 - ``unmerged``: the task's adapters run in the forward, base weights live (what PEFT-style serving does);
 - ``mixed``: :func:`mixed_batch` with the rows spread over ``--mixed-tasks`` tasks; the per-batch stacking
   of the tasks' adapters is inside the clock, since the engine pays it on every mixed batch;
-- ``merged_nohooks``: ``merged`` with the slots' forward pre-hooks removed, to price the hooks, which run
-  (as identity slots) on every forward even when a task is merged;
 - ``plain_again``: ``plain`` once more, an A/A control: its ratio to ``plain`` is the run's noise floor.
 Figures: images/s and batch latency (medians over rounds) and each variant's speed relative to
 ``plain`` (median of per-round ratios). Goal: merged >= 0.99 x plain.
@@ -33,7 +31,7 @@ from .common import Case
 
 TITLE = "Zero-cost inference"
 NAME = "inference"
-VARIANTS = ("plain", "merged", "merged_nohooks", "unmerged", "mixed", "plain_again")
+VARIANTS = ("plain", "merged", "unmerged", "mixed", "plain_again")
 GOAL = 0.99
 FULL = {"archs": ["embedded", "vit_tiny", "vit_small", "vit_base"], "batches": [1, 8, 32, 64], "repeats": 7}
 QUICK = {"archs": ["embedded", "vit_tiny"], "batches": [1], "repeats": 2}
@@ -46,20 +44,17 @@ def build_variants(name: str, device: torch.device, dtype: torch.dtype, seed: in
                    n_tasks: int) -> tuple[dict[str, Callable[[Tensor, Tensor], Tensor]], dict[str, Any]]:
     """Forward functions ``f(x [B,3,H,W], rows [B]) -> features [B, F]`` for every variant, and facts.
 
-    Four models share the backbone's weights values: ``plain``, ``merged`` and ``bare`` (task 0 folded in;
-    ``bare`` without hooks) and ``adapted`` (adapters in the slots: ``unmerged`` runs it as is, ``mixed``
-    sets per-row adapters, which take precedence over the slot's adapter).
+    Three models share the backbone's weights values: ``plain``, ``merged`` (task 0 folded in) and
+    ``adapted`` (adapters in the slots: ``unmerged`` runs it as is, ``mixed`` sets per-row adapters, which
+    take precedence over the slot's adapter).
     """
     bb = common.load(name, device, dtype, seed)
     plain = bb.model
-    merged, bare, adapted = (copy.deepcopy(plain) for _ in range(3))
-    merged_sites, bare_sites, adapted_sites = attach_slots(merged), attach_slots(bare), attach_slots(adapted)
+    merged, adapted = (copy.deepcopy(plain) for _ in range(2))
+    merged_sites, adapted_sites = attach_slots(merged), attach_slots(adapted)
     tasks = [common.random_adapters(merged_sites, seed + 1 + i) for i in range(n_tasks)]
-    for sites in (merged_sites, bare_sites):
-        switcher = WeightSwitcher(sites)
-        switcher.activate(switcher.prepare("task0", {k: w.to(device) for k, w in tasks[0].items()}))
-    for site in bare_sites:
-        site.hook.remove()
+    switcher = WeightSwitcher(merged_sites)
+    switcher.activate(switcher.prepare("task0", {k: w.to(device) for k, w in tasks[0].items()}))
     device_tasks = [{k: w.to(device, dtype) for k, w in t.items()} for t in tasks]  # as a registry holds them
     for site in adapted_sites:
         site.slot.adapter = RepAdapter.from_weights(device_tasks[0][site.name], site.layout).eval()
@@ -71,7 +66,6 @@ def build_variants(name: str, device: torch.device, dtype: torch.dtype, seed: in
     fns = {
         "plain": lambda x, rows: plain(x),
         "merged": lambda x, rows: merged(x),
-        "merged_nohooks": lambda x, rows: bare(x),
         "unmerged": lambda x, rows: adapted(x),
         "mixed": mixed,
         "plain_again": lambda x, rows: plain(x),
@@ -151,7 +145,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             del fns
     merged = [r for r in rows if r["variant"] == "merged"]
     worst = min(merged, key=lambda r: r["speed_vs_plain"])
-    bare = min((r for r in rows if r["variant"] == "merged_nohooks"), key=lambda r: r["speed_vs_plain"])
     aa = [r["speed_vs_plain"] for r in rows if r["variant"] == "plain_again"]
     results = {
         "rows": rows,
@@ -159,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "facts": facts,
         "goal": {"merged_vs_plain_min": GOAL, "met": sum(r["speed_vs_plain"] >= GOAL for r in merged),
                  "of": len(merged), "worst": {k: worst[k] for k in ("arch", "dtype", "batch", "speed_vs_plain")},
-                 "worst_nohooks": {k: bare[k] for k in ("arch", "dtype", "batch", "speed_vs_plain")},
                  "aa_control_range": [min(aa), max(aa)]},
     }
     config = {"archs": archs, "batches": batches, "repeats": repeats, "warmup": args.warmup, "min_time_s": min_time,
@@ -177,8 +169,7 @@ def render(payload: dict[str, Any]) -> str:
     parts = [
         f"Goal: merged >= {goal['merged_vs_plain_min']} x plain. Met in **{goal['met']}/{goal['of']}** "
         f"configurations; worst merged/plain = **{w['speed_vs_plain']:.3f}** ({w['arch']}, {w['dtype']}, "
-        f"batch {w['batch']}); without the slots' hooks the worst is {goal['worst_nohooks']['speed_vs_plain']:.3f}. "
-        f"Noise floor (A/A control, plain vs plain): {lo:.3f} .. {hi:.3f}.",
+        f"batch {w['batch']}). Noise floor (A/A control, plain vs plain): {lo:.3f} .. {hi:.3f}.",
         "",
         "Images/s (median), and in brackets the speed relative to plain (median of per-round ratios). "
         "Latency = median time of one batch.",
@@ -191,11 +182,11 @@ def render(payload: dict[str, Any]) -> str:
             by = {r["variant"]: r for r in res["rows"] if (r["arch"], r["batch"], r["dtype"]) == (arch, b, dt)}
             cells = [f"{by['plain']['images_per_s']:.1f}"]
             cells += [f"{by[v]['images_per_s']:.1f} (x{by[v]['speed_vs_plain']:.3f})"
-                      for v in ("merged", "merged_nohooks", "unmerged", "mixed")]
+                      for v in ("merged", "unmerged", "mixed")]
             cells += [f"x{by['plain_again']['speed_vs_plain']:.3f}", common.fmt_s(by["plain"]["median_s"]),
                       common.fmt_s(by["merged"]["median_s"])]
             table.append([arch, b, *cells])
-        parts.append(common.md_table(["backbone", "batch", "plain", "merged", "merged, no hooks", "unmerged",
+        parts.append(common.md_table(["backbone", "batch", "plain", "merged", "unmerged",
                                       "mixed", "A/A", "latency plain", "latency merged"], table))
     errs = ", ".join(f"{c['arch']} {c['dtype']}: {c['merged_vs_unmerged']:.1e}/{c['mixed_vs_merged_row0']:.1e}"
                      for c in res["checks"])
@@ -209,7 +200,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     fig, axes = common.subplots(len(archs), 2)
     styles = {"fp32": "-", "bf16": "--", "fp16": ":"}
-    colors = dict(zip(VARIANTS, ("black", "tab:blue", "tab:purple", "tab:orange", "tab:green", "silver"),
+    colors = dict(zip(VARIANTS, ("black", "tab:blue", "tab:orange", "tab:green", "silver"),
                       strict=True))
     for col, arch in enumerate(archs):
         top, bottom = axes[0][col], axes[1][col]

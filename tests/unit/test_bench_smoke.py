@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a folder of scripts at the repo root, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import BENCHMARKS, inference, memory, report, switch  # noqa: E402
+from bench import BENCHMARKS, inference, memory, report, switch, training  # noqa: E402
 
 QUICK = ["--quick", "--threads", "1", "--device", "cpu"]
 
@@ -29,7 +29,7 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        for module in (inference, switch, memory):
+        for module in (inference, switch, memory, training):
             module.main([*QUICK, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -97,6 +97,23 @@ def test_memory_quick(results):
     assert arch["rows"][1]["copies_extrapolated"]
     assert not arch["rows"][0]["copies_extrapolated"]
     assert all(math.isfinite(v) for v in arch["fit"].values())
+
+
+def test_training_quick(results):
+    res = read(results, "training")["results"]
+    assert [(r["dataset"], r["method"]) for r in res["rows"]] == [("digits", m) for m in training.METHODS]
+    by = {r["method"]: r for r in res["rows"]}
+    assert by["repadapter"]["trainable_params"] == 121_234  # 33 adapters (hidden 8, groups 2) + a 10-class head
+    assert by["linear"]["trainable_params"] == 1280 * 10 + 10
+    assert by["full"]["trainable_params"] > 2_000_000
+    assert by["repadapter"]["merged_argmax_agreement"] == 1.0
+    assert by["full"]["merged_argmax_agreement"] is None  # full tuning is not servable
+    for r in res["rows"]:
+        assert 0 <= r["test_accuracy"] <= 1
+        assert positive(r["seconds_per_epoch"])
+        assert positive(r["peak_memory_mib"])
+    assert set(res["summary"]) == set(training.METHODS)
+    assert res["summary"]["full"]["time_vs_full"] == 1.0
 
 
 def test_report_is_idempotent(results, tmp_path):
