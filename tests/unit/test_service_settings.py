@@ -13,7 +13,7 @@ import torch
 from service.__main__ import build_parser, main, settings_from_args
 from service.settings import ENV_PREFIX, Settings, settings_table
 
-README = Path(__file__).resolve().parents[2] / "service" / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_environment_with_prefix(monkeypatch):
