@@ -1,0 +1,349 @@
+"""Real training runs on real data (MNIST digits, embedded pretrained MobileNetV2), CPU-sized.
+
+Each run is small (200 train / 50 val images at 64 px, a few epochs) but real: the loss must fall,
+accuracy must be far above chance (10%), and the served (merged) bundle must predict exactly what the
+training-time (unmerged) model predicted.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from repadapter import LocalStore, TaskBundle, WeightSwitcher, attach_slots, load_backbone
+from repadapter.errors import CheckpointError
+from repadapter.preprocess import preprocess_batch
+from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from training.cli import main
+from training.config import TrainConfig
+from training.data import FASHION_MNIST_DIR, load_dataset
+from training.pipeline import run
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY: dict[str, Any] = {"data": "mnist", "n_train": 200, "n_val": 50, "n_test": 100, "image_size": 64, "epochs": 5,
+                        "batch_size": 32, "lr": 3e-3}
+"""The CI run: 35 optimizer steps, ~15 s on 2 CPU cores."""
+MICRO: dict[str, Any] = {"data": "mnist", "n_train": 64, "n_val": 32, "n_test": 0, "image_size": 32, "epochs": 3,
+                         "batch_size": 32}
+"""For mechanics (resume, search, interrupts): 2 steps an epoch at 32 px."""
+
+
+def config(tmp: Path, task: str, base: dict[str, Any] = TINY, **kw: Any) -> TrainConfig:
+    return TrainConfig(**{**base, "task": task, "store": tmp / "store", "out_dir": tmp / "runs" / task, **kw})
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The command line equivalent of ``cfg`` (flags for every non-default field)."""
+    args = []
+    for name, value in cfg.model_dump(exclude_defaults=True).items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+def served_accuracy(bundle: TaskBundle, images: list[Image.Image], labels: list[int]) -> float:
+    """Accuracy of a stored bundle the way the service runs it, on a freshly loaded backbone."""
+    backbone = load_backbone()
+    sites = attach_slots(backbone.model)
+    bundle.check_compatible(backbone.arch, backbone.fingerprint, sites, backbone.num_features)
+    switcher = WeightSwitcher(sites)
+    switcher.activate(switcher.prepare(bundle.name, bundle.adapters) if bundle.adapters else None)
+    with torch.no_grad():
+        x = preprocess_batch(images, bundle.manifest.preprocess)  # the service's preprocessing
+        logits = F.linear(backbone.model(x), bundle.head_weight, bundle.head_bias)
+    return (logits.argmax(1) == torch.tensor(labels)).float().mean().item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, OpenMP spin-waiting makes 2 threads 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp: Path) -> dict[str, Any]:
+    report = run(config(tmp, "digits"))
+    assert report is not None
+    return report
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp: Path) -> dict[str, Any]:
+    report = run(config(tmp, "digits-linear", method="linear"))
+    assert report is not None
+    return report
+
+
+# --- quality of the three methods ---------------------------------------------------------------------
+
+
+def test_repadapter_learns_and_its_bundle_serves_exactly(adapter_run, tmp):
+    m, history = adapter_run["metrics"], adapter_run["history"]
+    assert len(history) == m["epochs"] == 5
+    assert m["steps"] == 35
+    assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
+    assert m["val_accuracy"] >= 0.6  # chance: 0.1
+    assert m["test_accuracy"] >= 0.6
+    assert m["merged_argmax_agreement"] == 1.0
+    assert m["merged_max_abs_logit_diff"] < 1e-3
+    assert m["trainable_params"] == 121_234
+    assert m["peak_memory_mib"] > 100
+    assert m["peak_memory_kind"] == "cpu_peak_rss"
+    assert m["seconds_per_epoch"] > 0
+    assert Path(adapter_run["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(Path(adapter_run["report"]).read_text())["metrics"] == m
+
+    bundle = LocalStore(tmp / "store").get("digits")
+    assert adapter_run["bundle"] == {"store": str(tmp / "store"), "name": "digits", "version": 1}
+    manifest = bundle.manifest
+    assert (manifest.method, manifest.labels, manifest.metrics) == ("repadapter", [str(d) for d in range(10)], m)
+    assert manifest.preprocess == load_backbone().preprocess.with_size(64)
+    assert (manifest.adapter.hidden, manifest.adapter.groups, manifest.adapter.scale) == (8, 2, 1.0)
+    assert len(bundle.adapters) == 33
+    val = load_dataset("mnist", seed=42, n_train=200, n_val=50, n_test=100).val
+    images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
+    assert abs(served_accuracy(bundle, list(images), list(labels)) - m["val_accuracy"]) <= 1 / 50
+
+
+def test_linear_probe_trains_the_head_only(linear_run, tmp):
+    m = linear_run["metrics"]
+    assert m["trainable_params"] == 1280 * 10 + 10
+    assert m["val_accuracy"] >= 0.5
+    assert m["merged_argmax_agreement"] == 1.0
+    assert m["feature_seconds"] > 0
+    assert linear_run["history"][-1]["train_loss"] < 0.6 * linear_run["history"][0]["train_loss"]
+    bundle = LocalStore(tmp / "store").get("digits-linear")
+    assert (bundle.manifest.method, bundle.adapters, bundle.manifest.adapter.hidden) == ("linear", {}, 0)
+
+
+def test_full_finetuning_reports_figures_but_no_bundle(tmp):
+    report = run(config(tmp, "digits-full", MICRO, method="full", epochs=2))
+    m = report["metrics"]
+    assert m["trainable_params"] == 2_223_872 + 12_810  # every backbone parameter + the head
+    assert "merged_argmax_agreement" not in m
+    assert m["peak_memory_mib"] > 100
+    assert report["bundle"] is None
+    assert "digits-full" not in [e.name for e in LocalStore(tmp / "store").list()]
+
+
+# --- resuming and interruptions -----------------------------------------------------------------------
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    straight = run(config(tmp_path, "straight", MICRO))
+    final = load_checkpoint(tmp_path / "runs/straight" / CHECKPOINT_FILE)[0]
+
+    cfg = config(tmp_path, "resumed", MICRO)
+
+    def interrupt(stats: Any) -> None:
+        if stats.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, on_epoch_end=interrupt)
+    assert [e.name for e in LocalStore(tmp_path / "store").list()] == ["straight"]  # no half task
+    assert not list((tmp_path / "store/.tmp").iterdir())
+    _, meta = load_checkpoint(cfg.run_dir / CHECKPOINT_FILE)
+    assert (meta["epoch"], meta["step"], meta["finished"]) == (2, 4, False)
+    assert [h["val_accuracy"] for h in meta["history"]] == [h["val_accuracy"] for h in straight["history"][:2]]
+
+    with pytest.raises(CheckpointError, match="other settings"):  # a changed recipe must not resume
+        run(cfg.model_copy(update={"resume": True, "lr": 5e-3}))
+
+    resumed = run(cfg.model_copy(update={"resume": True}))
+    tensors = load_checkpoint(cfg.run_dir / CHECKPOINT_FILE)[0]
+    assert tensors.keys() == final.keys()
+    for name, t in final.items():  # bitwise: data order, dropout and drop-path are seeded per epoch
+        assert torch.equal(tensors[name], t), name
+    keys = ("train_loss", "val_loss", "val_accuracy", "lr", "step")
+    assert [[h[k] for k in keys] for h in resumed["history"]] == [[h[k] for k in keys] for h in straight["history"]]
+    assert resumed["metrics"]["val_accuracy"] == straight["metrics"]["val_accuracy"]
+
+
+def test_ctrl_c_exits_130_and_leaves_the_store_untouched(tmp_path):
+    cfg = config(tmp_path, "sigint", MICRO, epochs=200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "training", *cli_args(cfg)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = cfg.run_dir / CHECKPOINT_FILE
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in 120 s"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    assert out == ""  # no summary for a run that did not finish
+    assert not (tmp_path / "store/sigint").exists()
+    _, meta = load_checkpoint(ckpt)
+    assert meta["epoch"] >= 1
+    assert meta["finished"] is False
+
+
+def test_scale_search_keeps_the_best_scale(tmp_path):
+    report = run(config(tmp_path, "search", MICRO, epochs=2, search_scale=True, scale_grid=(0.1, 10.0)))
+    m, search = report["metrics"], report["scale_search"]
+    assert [t["scale"] for t in search] == [0.1, 10.0]
+    best = max(search, key=lambda t: t["val_accuracy"])
+    assert m["scale"] == best["scale"]
+    assert m["val_accuracy"] == best["val_accuracy"]  # the reloaded best state, re-evaluated
+    assert m["merged_argmax_agreement"] == 1.0
+    assert m["scale_search"] == search
+    assert (tmp_path / "runs/search/scale-0.1" / CHECKPOINT_FILE).exists()
+    assert (tmp_path / "runs/search/scale-10" / CHECKPOINT_FILE).exists()
+    bundle = LocalStore(tmp_path / "store").get("search")
+    assert bundle.manifest.adapter.scale == best["scale"]
+    assert {w.scale for w in bundle.adapters.values()} == {best["scale"]}
+
+
+# --- torchrun -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_torchrun_two_processes_match_one(adapter_run, tmp_path):
+    cfg = config(tmp_path, "digits")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "training", *cli_args(cfg), "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # printed once, by rank 0
+    m, single = summary["metrics"], adapter_run["metrics"]
+    assert m["world_size"] == 2
+    assert (m["steps"], m["epochs"], m["trainable_params"]) == (single["steps"], single["epochs"],
+                                                                single["trainable_params"])
+    assert m["val_accuracy"] >= 0.6
+    assert abs(m["val_accuracy"] - single["val_accuracy"]) <= 0.2
+    assert m["merged_argmax_agreement"] == 1.0
+    ddp_bundle = LocalStore(tmp_path / "store").get("digits")
+    single_bundle = LocalStore(adapter_run["bundle"]["store"]).get("digits")
+    assert {k: v.shape for k, v in ddp_bundle.tensors().items()} == {
+        k: v.shape for k, v in single_bundle.tensors().items()}
+
+
+# --- data sources, registration, demo -----------------------------------------------------------------
+
+
+class _Service(BaseHTTPRequestHandler):
+    """A stand-in for ``POST /tasks``: records the request, parses the multipart body, answers 201."""
+
+    received: ClassVar[list[dict[str, Any]]] = []
+    status: ClassVar[int] = 201
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        header = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                 for p in message.iter_parts()}
+        self.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "parts": parts})
+        manifest = json.loads(parts["manifest"]) | {"version": 7}
+        reply = json.dumps(manifest if self.status == 201 else {"error": "task_exists", "detail": "exists"})
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def service() -> Iterator[tuple[str, type[_Service]]]:
+    _Service.received, _Service.status = [], 201
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Service)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Service
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp: Path) -> Path:
+    """An ImageFolder tree of real MNIST digits (3 classes, PNG files), without a val/ folder."""
+    pool = load_dataset("mnist", seed=0, n_train=90, n_val=10, n_test=0).train
+    root = tmp / "folder"
+    for i in range(len(pool)):
+        image, label = pool[i]
+        if label < 3:
+            path = root / "train" / ["zero", "one", "two"][label] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.convert("L").save(path)
+    return root
+
+
+def test_cli_trains_on_a_folder_and_registers_with_a_service(folder, service, tmp_path, capsys):
+    url, recorder = service
+    argv = ["--data", str(folder), "--task", "zot", "--method", "linear", "--image-size", "64", "--epochs", "5",
+            "--batch-size", "8", "--lr", "3e-3", "--out-dir", str(tmp_path / "run"), "--store", str(tmp_path / "s"),
+            "--register", url, "--token", "s3cret", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bundle"] == {"registered": url, "name": "zot", "version": 7}
+    assert summary["metrics"]["val_accuracy"] >= 0.6  # chance: 1/3
+    n_images = len(list(folder.rglob("*.png")))
+    assert summary["metrics"]["n_val"] == round(0.2 * n_images)  # no val/: 20% carved out of train/
+    assert summary["metrics"]["n_train"] == n_images - summary["metrics"]["n_val"]
+    (request,) = recorder.received
+    assert request["path"] == "/tasks?overwrite=false"
+    assert request["auth"] == "Bearer s3cret"
+    bundle = TaskBundle.deserialize(request["parts"]["manifest"], request["parts"]["tensors"])  # checks sha256
+    assert bundle.manifest.labels == ["one", "two", "zero"]
+    assert bundle.manifest.metrics["merged_argmax_agreement"] == 1.0
+    assert not (tmp_path / "s" / "zot").exists()  # registered, not stored
+
+    recorder.status = 409
+    assert main([*argv, "--resume"]) == 1  # finished checkpoint: no retraining, refused publication
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_demo_rebuilds_the_three_shipped_tasks(tmp_path, photos, capsys):
+    store = tmp_path / "store"
+    argv = ["--demo", "--store", str(store), "--out-dir", str(tmp_path / "runs"), "--max-steps", "2",
+            "--n-train", "40", "--n-val", "20", "--n-test", "20", "--image-size", "32", "--batch-size", "20",
+            "--no-progress"]
+    assert main(argv) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["task"] for s in summaries] == ["imagenet", "fashion", "digits"]
+    assert [e.name for e in LocalStore(store).list()] == ["digits", "fashion", "imagenet"]
+    imagenet = LocalStore(store).get("imagenet")
+    assert (imagenet.manifest.method, imagenet.adapters, len(imagenet.manifest.labels)) == ("pretrained", {}, 1000)
+    assert imagenet.manifest.preprocess.input_size == (3, 224, 224)
+    chelsea = photos[0]
+    backbone = load_backbone()
+    with torch.no_grad():
+        logits = F.linear(backbone.model(preprocess_batch([chelsea], imagenet.manifest.preprocess)),
+                          imagenet.head_weight, imagenet.head_bias)
+    assert imagenet.manifest.labels[logits.argmax().item()] == "Egyptian cat"
+    fashion = LocalStore(store).manifest("fashion")
+    assert (fashion.labels[0], fashion.preprocess.input_size, fashion.metrics["steps"]) == ("T-shirt/top",
+                                                                                            (3, 32, 32), 2)
+    assert (tmp_path / "runs/digits/report.json").exists()
+    assert main(argv) == 1  # the tasks exist now: refused before any training, without --overwrite

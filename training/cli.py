@@ -1,0 +1,145 @@
+"""``python -m training``: train a task and publish its bundle; flags are generated from ``TrainConfig``.
+
+Exit codes: 0 success, 1 failure (message on stderr), 2 bad usage, 130 interrupted (Ctrl-C: the store is
+untouched; ``--resume`` continues from the last epoch's checkpoint). A JSON summary goes to stdout, logs
+and the progress bar to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from repadapter.errors import RepServeError
+
+from .config import TrainConfig
+from .demo import IMAGENET_TASK, build_demo, demo_configs
+from .pipeline import run
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  python -m training --data DIR --task flowers                      # ImageFolder DIR/train/<class>/*.jpg
+  python -m training --data fashion-mnist --task fashion --image-size 96 --search-scale
+  python -m training --data mnist --task digits --method linear     # the linear-probe baseline
+  python -m training --data DIR --task flowers --register http://localhost:8000 --token $TOKEN
+  torchrun --standalone --nproc_per_node 2 -m training --data mnist --task digits
+  python -m training --demo --overwrite                             # rebuild adapters_store's demo tasks
+"""
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _argument(field: FieldInfo) -> dict[str, Any]:
+    """argparse keywords for one config field; defaults stay unset so only given flags reach the config."""
+    kind = field.annotation
+    if get_origin(kind) in (Union, types.UnionType):
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    help_text = (field.description or "").replace("%", "%%")
+    if field.is_required():
+        help_text += " (required, except with --demo)"
+    elif field.default is not None and kind is not bool:
+        default = ",".join(f"{v:g}" for v in field.default) if isinstance(field.default, tuple) else field.default
+        help_text += f" (default: {default})"
+    kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+    if kind is bool:
+        kw["action"] = "store_true"
+    elif get_origin(kind) is Literal:
+        kw["choices"] = get_args(kind)
+    elif get_origin(kind) is tuple:
+        kw |= {"type": _parse_floats, "metavar": "S,S,..."}
+    else:
+        kw["type"] = kind
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Train a RepAdapter (or a linear-probe / full fine-tuning baseline) on a frozen backbone and "
+                    "write the task bundle into the store, or register it with a running service.",
+    )
+    for name, field in TrainConfig.model_fields.items():
+        flag = field.alias or name
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, **_argument(field))
+    extra = parser.add_argument_group("run control")
+    extra.add_argument("--demo", action="store_true",
+                       help=f"rebuild the demo tasks ({IMAGENET_TASK}, fashion, digits) into --store; other "
+                            "flags override the demo recipe")
+    extra.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                       help="progress bar with loss, accuracy and throughput (default: when stderr is a terminal)")
+    extra.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="logging level on stderr (default: INFO; other ranks than 0 log warnings only)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    """Log to stderr, unless the host (a test runner, an embedding program) configured logging already."""
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(level=level if rank == 0 else "WARNING", stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without its per-epoch history and configuration (both are in report.json)."""
+    return {k: v for k, v in report.items() if k not in ("history", "config", "preprocess")}
+
+
+def _validation_message(e: ValidationError) -> str:
+    return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'config'}: {err['msg']}"
+                     for err in e.errors())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    opts = vars(parser.parse_args(argv))
+    demo, progress = opts.pop("demo"), opts.pop("progress")
+    _setup_logging(opts.pop("log_level"))
+    if opts.get("register") and "token" not in opts and os.environ.get("REPSERVE_ADMIN_TOKEN"):
+        opts["token"] = os.environ["REPSERVE_ADMIN_TOKEN"]
+    try:
+        if demo:
+            if {"data", "task"} & opts.keys():
+                parser.error("--demo builds its own tasks: drop --data and --task")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                parser.error("--demo runs in one process: start it without torchrun")
+            configs = demo_configs(Path(opts.pop("store", TrainConfig.model_fields["store"].default)), opts)
+        else:
+            missing = [f"--{f}" for f in ("data", "task") if f not in opts]
+            if missing:
+                parser.error(f"the following arguments are required: {', '.join(missing)} (or use --demo)")
+            config = TrainConfig(**opts)
+    except ValidationError as e:
+        parser.error(_validation_message(e))
+    try:
+        with logging_redirect_tqdm():
+            if demo:
+                result: Any = [_summary(r) for r in build_demo(configs, progress=progress)]
+            else:
+                report = run(config, progress=progress)
+                result = None if report is None else _summary(report)
+    except KeyboardInterrupt:
+        log.error("interrupted: the store is untouched; rerun with --resume to continue from the last checkpoint")
+        return 130
+    except (RepServeError, ValueError, OSError) as e:
+        log.error("training failed: %s", e)
+        return 1
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,190 @@
+"""One training run end to end: data, backbone, trial(s), proof of the served bundle, publication, report.
+
+Only the main process evaluates at the end, writes the bundle and the report; every process trains.
+Nothing reaches the store before the very end (``LocalStore.put`` is atomic), so an interruption at any
+point leaves no half task behind: only the last per-epoch checkpoint, which ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+from repadapter import Backbone, PreprocessConfig, Site, TaskBundle, attach_slots, build_transform
+
+from .batches import Transformed, eval_loader, extract_features
+from .checkpoint import CHECKPOINT_FILE
+from .config import TrainConfig
+from .data import load_dataset
+from .export import Agreement, as_served, build_bundle, ensure_absent, publish, served_logits
+from .model import TaskModel, build_model, load_task_backbone, trainable_parameters
+from .report import PLOT_FILE, REPORT_FILE, plot_curves, write_json
+from .runtime import Runtime, runtime
+from .trainer import EpochStats, Trainer, TrialResult, loss_and_accuracy, predict
+
+log = logging.getLogger(__name__)
+
+EpochHook = Callable[[EpochStats], None]
+
+
+def trial_dir(cfg: TrainConfig, scale: float) -> Path:
+    """Where one trial checkpoints: the run directory, or one sub-directory per scale when searching."""
+    return cfg.run_dir / f"scale-{scale:g}" if cfg.search_scale else cfg.run_dir
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Fail before training, not after it, when the store would refuse the bundle."""
+    if cfg.method == "full":
+        if cfg.register_url:
+            log.warning("full fine-tuning reports figures only: nothing is registered")
+        return
+    if not cfg.register_url:
+        ensure_absent(cfg.store, cfg.task, overwrite=cfg.overwrite)
+
+
+def run(cfg: TrainConfig, *, progress: bool = False, on_epoch_end: EpochHook | None = None) -> dict[str, Any] | None:
+    """Train, verify and publish per ``cfg``; returns the report on the main process, ``None`` elsewhere."""
+    started = time.perf_counter()
+    with runtime(cfg.device, cfg.amp) as rt:
+        return _run(cfg, rt, started, progress, on_epoch_end)
+
+
+@dataclass
+class Prepared:
+    """Everything the trials share: the backbone (with slots), the task's preprocessing and the splits.
+
+    ``images`` are the preprocessed splits (``train``, ``val`` and, when non-empty, ``test``);
+    ``train_set``/``val_set`` are what the model consumes: the images, or cached features for ``linear``.
+    """
+
+    backbone: Backbone
+    sites: list[Site]
+    preprocess: PreprocessConfig
+    classes: list[str]
+    images: dict[str, Dataset]
+    train_set: Dataset
+    val_set: Dataset
+    workers: int
+    feature_seconds: float | None = None
+
+
+def prepare(cfg: TrainConfig, rt: Runtime) -> Prepared:
+    splits = load_dataset(cfg.data, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
+    backbone = load_task_backbone(cfg, rt.device)
+    preprocess = backbone.preprocess.with_size(cfg.image_size) if cfg.image_size else backbone.preprocess
+    transform = build_transform(preprocess)  # the service's own preprocessing: no train/serve skew
+    images: dict[str, Dataset] = {name: Transformed(ds, transform)
+                                  for name, ds in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+                                  if ds is not None and len(ds)}  # type: ignore[arg-type]
+    workers = cfg.workers if cfg.workers is not None else (4 if rt.device.type == "cuda" else 0)
+    sites = attach_slots(backbone.model, cfg.placement) if cfg.method == "repadapter" else []
+    p = Prepared(backbone, sites, preprocess, splits.classes, images, images["train"], images["val"], workers)
+    if cfg.method == "linear":
+        start = time.perf_counter()
+        p.train_set, p.val_set = (extract_features(backbone.model, images[k], cfg.batch_size, rt, workers)
+                                  for k in ("train", "val"))
+        p.feature_seconds = time.perf_counter() - start
+    return p
+
+
+def train_trials(cfg: TrainConfig, rt: Runtime, p: Prepared, progress: bool,
+                 on_epoch_end: EpochHook | None) -> tuple[TaskModel, list[TrialResult], TrialResult]:
+    """Train one trial per scale; returns the best trial's model (reloaded when it was not the last)."""
+    trials: list[TrialResult] = []
+    for scale in cfg.scales:
+        model = build_model(cfg, p.backbone, p.sites, len(p.classes), scale)
+        trainer = Trainer(cfg, rt, model, p.train_set, p.val_set, scale, trial_dir(cfg, scale) / CHECKPOINT_FILE,
+                          workers=p.workers, progress=progress, on_epoch_end=on_epoch_end)
+        trials.append(trainer.fit())
+    best = max(trials, key=lambda t: t.val_accuracy)  # first of equals, in grid order
+    if best is not trials[-1]:
+        log.info("scale search: %s -> scale=%g", {t.scale: round(t.val_accuracy, 4) for t in trials}, best.scale)
+        model = build_model(cfg, p.backbone, p.sites, len(p.classes), best.scale)
+        model.load_state_dict(best.state, strict=False)
+    return model, trials, best
+
+
+def final_evaluation(cfg: TrainConfig, p: Prepared, model: TaskModel,
+                     scale: float) -> tuple[dict[str, Any], TaskBundle | None]:
+    """Validation and test figures of the final model and, for servable methods, its verified bundle.
+
+    Runs in fp32 on this process only (no collective may run here: other ranks may have finished).
+    """
+    local = Runtime(next(model.parameters()).device)
+
+    def loader(ds: Dataset) -> DataLoader:
+        return eval_loader(ds, cfg.batch_size, local, p.workers, shard=False)
+
+    model.eval()
+    trained, labels = predict(model, loader(p.val_set), local)
+    val_loss, val_acc = loss_and_accuracy(trained, labels, local)
+    metrics: dict[str, Any] = {"val_accuracy": val_acc, "val_loss": val_loss}
+    bundle = None
+    if cfg.method != "full":
+        bundle = as_served(build_bundle(cfg, model, p.sites, p.backbone, p.classes, p.preprocess, scale),
+                           p.backbone, p.sites)
+        agreement = Agreement.of(trained, served_logits(bundle, p.backbone, p.sites, loader(p.images["val"]), local)[0])
+        metrics |= {"merged_argmax_agreement": agreement.argmax_agreement,
+                    "merged_max_abs_logit_diff": agreement.max_abs_logit_diff}
+    if "test" in p.images:
+        test = loader(p.images["test"])
+        logits, labels = (served_logits(bundle, p.backbone, p.sites, test, local) if bundle is not None
+                          else predict(model, test, local))
+        metrics["test_accuracy"] = loss_and_accuracy(logits, labels, local)[1]
+    return metrics, bundle
+
+
+def _run(cfg: TrainConfig, rt: Runtime, started: float, progress: bool,
+         on_epoch_end: EpochHook | None) -> dict[str, Any] | None:
+    if rt.is_main:
+        preflight(cfg)
+    p = prepare(cfg, rt)
+    rt.reset_peak_memory()
+    model, trials, best = train_trials(cfg, rt, p, progress, on_epoch_end)
+    peak_mib, peak_kind = rt.peak_memory()
+    peak_mib = rt.max(peak_mib)  # the last collective: from here on, the main process only
+    if not rt.is_main:
+        return None
+    metrics, bundle = final_evaluation(cfg, p, model, best.scale)
+    history = [asdict(h) for h in best.history]
+    search = [{"scale": t.scale, "val_accuracy": t.val_accuracy, "train_seconds": round(t.train_seconds, 3)}
+              for t in trials]
+    metrics |= {
+        "trainable_params": trainable_parameters(model), "epochs": len(history), "steps": best.steps,
+        "train_seconds": round(best.train_seconds, 3),
+        "seconds_per_epoch": round(statistics.fmean(h["seconds"] for h in history), 3),
+        "peak_memory_mib": round(max(peak_mib, rt.peak_memory()[0]), 1), "peak_memory_kind": peak_kind,
+        "scale": best.scale, "n_train": len(p.images["train"]), "n_val": len(p.images["val"]),  # type: ignore[arg-type]
+        "n_test": len(p.images["test"]) if "test" in p.images else 0,  # type: ignore[arg-type]
+        "data": cfg.data, "image_size": p.preprocess.image_size[0], "world_size": rt.world_size,
+        "device": rt.device.type, "amp": rt.amp_name,
+    }
+    if p.feature_seconds is not None:
+        metrics["feature_seconds"] = round(p.feature_seconds, 3)
+    if cfg.search_scale:
+        metrics["scale_search"] = search
+    log.info("task=%s method=%s val_accuracy=%.4f test_accuracy=%s agreement=%s trainable_params=%d",
+             cfg.task, cfg.method, metrics["val_accuracy"], metrics.get("test_accuracy"),
+             metrics.get("merged_argmax_agreement"), metrics["trainable_params"])
+    report: dict[str, Any] = {
+        "task": cfg.task, "method": cfg.method, "metrics": metrics, "history": history, "scale_search": search,
+        "backbone": {"arch": p.backbone.arch, "fingerprint": p.backbone.fingerprint},
+        "preprocess": p.preprocess.model_dump(mode="json"), "config": cfg.public_dict(), "bundle": None,
+        "report": str(cfg.run_dir / REPORT_FILE), "plot": str(cfg.run_dir / PLOT_FILE),
+    }
+    plot_curves(cfg.run_dir / PLOT_FILE, history, f"{cfg.task}: {cfg.method} on {cfg.data}", search)
+    report["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_json(cfg.run_dir / REPORT_FILE, report)  # figures survive a refused publication
+    if bundle is not None:
+        bundle.manifest = bundle.manifest.model_copy(update={"metrics": metrics})
+        report["bundle"] = publish(bundle, store=cfg.store, register_url=cfg.register_url, token=cfg.token,
+                                   overwrite=cfg.overwrite)
+        write_json(cfg.run_dir / REPORT_FILE, report)
+    return report
