@@ -12,11 +12,8 @@ on the 800/200 protocol. ``python -m training --demo [--store DIR] [--overwrite]
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import timm
 
 from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest, TaskBundle, load_backbone
 
@@ -34,20 +31,13 @@ DEMO_TASKS: dict[str, dict[str, Any]] = {
 """Recipe overrides per trained demo task (everything else: TrainConfig's paper defaults)."""
 
 
-def unique_imagenet_labels(labels: list[str]) -> list[str]:
-    """ImageNet names made unique: the two 'crane' and two 'maillot' classes get their WordNet id."""
-    counts = Counter(labels)
-    info = timm.data.ImageNetInfo()
-    return [f"{name} ({info.index_to_label_name(i)})" if counts[name] > 1 else name for i, name in enumerate(labels)]
-
-
 def imagenet_bundle(backbone: Backbone) -> TaskBundle:
     """The backbone's own classifier as a task: no adapters, the 224 px preprocessing it was trained with."""
     if backbone.classifier is None or backbone.labels is None:
         raise ValueError(f"backbone {backbone.arch} has no ImageNet classifier to serve")
     weight, bias = backbone.classifier
     manifest = Manifest(
-        name=IMAGENET_TASK, labels=unique_imagenet_labels(backbone.labels), method="pretrained",
+        name=IMAGENET_TASK, labels=backbone.labels, method="pretrained",
         adapter=AdapterConfig(hidden=0), backbone=BackboneRef(arch=backbone.arch, fingerprint=backbone.fingerprint),
         preprocess=backbone.preprocess, metrics={"trainable_params": 0},
         description="the backbone's own ImageNet-1k classifier (no adapters)",

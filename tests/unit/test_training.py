@@ -16,7 +16,7 @@ from training.batches import ShardedBatchSampler
 from training.checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
 from training.cli import build_parser, main
 from training.config import SCALE_GRID, TrainConfig
-from training.demo import unique_imagenet_labels
+from training.demo import imagenet_bundle
 from training.model import TaskModel, build_model, set_train_mode, train_state
 from training.report import plot_curves, write_json
 
@@ -212,12 +212,13 @@ def test_linear_model_is_a_head_on_features():
     assert model(torch.randn(3, 16)).shape == (3, 4)
 
 
-def test_imagenet_labels_made_unique(embedded):
-    labels = unique_imagenet_labels(embedded.labels)
-    assert len(labels) == len(set(labels)) == 1000
-    assert labels[285] == "Egyptian cat"
-    assert labels[134] == "crane (n02012849)"
-    assert labels[517] == "crane (n03126707)"
+def test_imagenet_bundle_is_the_backbone_classifier(embedded):
+    bundle = imagenet_bundle(embedded)
+    assert bundle.manifest.labels == embedded.labels  # unique: 'crane' and 'maillot' carry their WordNet id
+    assert bundle.manifest.labels[134] == "crane (n02012849)"
+    assert (bundle.manifest.method, bundle.adapters, bundle.manifest.adapter.hidden) == ("pretrained", {}, 0)
+    assert torch.equal(bundle.head_weight, embedded.classifier[0])
+    assert bundle.manifest.preprocess == embedded.preprocess
 
 
 # --- reports ------------------------------------------------------------------------------------------

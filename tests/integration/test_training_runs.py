@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -321,6 +322,26 @@ def test_cli_trains_on_a_folder_and_registers_with_a_service(folder, service, tm
 
     recorder.status = 409
     assert main([*argv, "--resume"]) == 1  # finished checkpoint: no retraining, refused publication
+
+
+def test_register_with_a_real_service(start_server, tmp_path, capsys):
+    """--register against the real service process: 201, 409 without --overwrite, 401/403 with a wrong token."""
+    server = start_server(tmp_path / "served", "--admin-token", "t0ken", "--store-poll-s", "0",
+                          "--torch-threads", "1", "--log-level", "warning")
+    argv = ["--data", "digits", "--task", "reg", "--method", "linear", "--image-size", "48", "--n-train", "100",
+            "--n-val", "50", "--n-test", "0", "--epochs", "3", "--batch-size", "25", "--out-dir", str(tmp_path / "run"),
+            "--register", server.url, "--token", "t0ken", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bundle"] == {"registered": server.url, "name": "reg", "version": 1}
+    info = httpx.get(f"{server.url}/tasks/reg", headers={"Authorization": "Bearer t0ken"}, timeout=30).json()
+    assert (info["version"], info["method"], info["num_labels"]) == (1, "linear", 10)
+    assert info["metrics"]["val_accuracy"] == summary["metrics"]["val_accuracy"]
+    resume = [*argv, "--resume"]  # the finished checkpoint: publish again without retraining
+    assert main(resume) == 1  # 409: the task exists
+    assert main([*resume, "--overwrite", "--token", "wrong"]) == 1  # refused token
+    assert main([*resume, "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle"]["version"] == 2
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
