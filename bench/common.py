@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from repadapter import AdapterWeights, Backbone, load_backbone
-from repadapter.inject import Site
+from repadapter import Backbone, load_backbone
+from repadapter.testing import random_adapters  # noqa: F401 - the benchmarks' adapters
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -62,18 +62,6 @@ def load(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> 
         return load_backbone(arch_name(name), device=str(device), dtype=dtype, seed=seed)
     finally:
         logger.setLevel(level)
-
-
-def random_adapters(sites: list[Site], seed: int, *, hidden: int = 8, groups: int = 2, scale: float = 1.0,
-                    std: float = 0.1) -> dict[str, AdapterWeights]:
-    """Non-trivial float32 CPU adapters for every site (what a bundle holds): all four tensors random."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    return {s.name: AdapterWeights(rnd(hidden, s.dim), rnd(hidden), rnd(s.dim, hidden // groups), rnd(s.dim),
-                                   groups, scale) for s in sites}
 
 
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -32,6 +32,7 @@ from torch import Tensor
 from repadapter import AdapterWeights, Backbone, WeightSwitcher, mixed_batch
 from repadapter.errors import BundleError, RepServeError
 from repadapter.inject import Site
+from repadapter.testing import random_adapters
 
 from .batcher import Batch, Mode, Scheduler, WorkItem
 from .errors import InferenceFailed, InferenceTimeout, NotReady, ShuttingDown
@@ -396,7 +397,8 @@ class Engine:
 
     def _warmup(self, shapes: Sequence[tuple[int, int, int]]) -> dict[str, float | None]:
         shapes = [s for s in dict.fromkeys(tuple(s) for s in shapes) if s not in self._warmed]
-        synthetic = _synthetic_adapters(self.sites, self.device) if shapes else {}
+        synthetic = ({k: w.to(self.device) for k, w in random_adapters(self.sites, 0, std=0.01).items()}
+                     if shapes else {})
         with torch.no_grad():
             for shape in shapes:
                 self._warmup_shape(shape, synthetic)
@@ -434,16 +436,3 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     fn()
     sync()
     return time.perf_counter() - start
-
-
-def _synthetic_adapters(sites: list[Site], device: torch.device) -> dict[str, AdapterWeights]:
-    """Small random adapters at every site, only to time the switch and the mixed path at warm-up."""
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for s in sites:
-        r = 8
-        out[s.name] = AdapterWeights(
-            torch.randn(r, s.dim, generator=g) * 0.01, torch.zeros(r), torch.randn(s.dim, r, generator=g) * 0.01,
-            torch.zeros(s.dim), groups=1, scale=1.0,
-        ).to(device=device)
-    return out

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from repadapter import AdapterWeights, Backbone, LocalStore, load_backbone
-from repadapter.inject import Site
+from repadapter import Backbone, LocalStore, load_backbone
+from repadapter.testing import random_adapters  # noqa: F401 - re-exported for the tests
 
 # Small randomly initialised ViT-family configs: exactness does not need pretrained weights.
 TINY_VITS: dict[str, dict] = {
@@ -47,18 +47,6 @@ def embedded() -> Backbone:
 @pytest.fixture
 def store(tmp_path) -> LocalStore:
     return LocalStore(tmp_path / "store")
-
-
-def random_adapters(sites: list[Site], seed: int, *, hidden: int = 8, groups: int = 2, scale: float = 1.0,
-                    std: float = 0.1) -> dict[str, AdapterWeights]:
-    """Non-trivial adapters (all four tensors random) so the constant-term fold is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    return {s.name: AdapterWeights(rnd(hidden, s.dim), rnd(hidden), rnd(s.dim, hidden // groups), rnd(s.dim),
-                                   groups, scale) for s in sites}
 
 
 def image_batch(images: list[Image.Image], backbone: Backbone) -> torch.Tensor:
