@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a folder of scripts at the repo root, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import BENCHMARKS, inference, memory, report, switch, training  # noqa: E402
+from bench import BENCHMARKS, inference, memory, report, serving, switch, training  # noqa: E402
 
 QUICK = ["--quick", "--threads", "1", "--device", "cpu"]
 
@@ -29,7 +29,7 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        for module in (inference, switch, memory, training):
+        for module in (inference, switch, memory, serving, training):
             module.main([*QUICK, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -97,6 +97,32 @@ def test_memory_quick(results):
     assert arch["rows"][1]["copies_extrapolated"]
     assert not arch["rows"][0]["copies_extrapolated"]
     assert all(math.isfinite(v) for v in arch["fit"].values())
+
+
+def test_serving_quick_answers_every_request(results):
+    payload = read(results, "serving")
+
+    res = payload["results"]
+    assert res["errors"] == 0
+    (arch,) = res["archs"]
+    assert (arch["arch"], arch["tasks"], arch["input_size"]) == ("embedded", 2, [3, 96, 96])
+    rows = {(r["server"], r["mix"]): r for r in arch["rows"]}
+    assert set(rows) == {(s, m) for s in ("auto", serving.BASELINE) for m in serving.MIXES}
+    for (server, _mix), r in rows.items():
+        assert r["error_codes"] == {}
+        assert r["errors"] == 0
+        assert r["ok"] == r["sent"] > 0
+        assert all(isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0
+                   for k in ("req_per_s", "images_per_s", "p50_ms", "p95_ms", "p99_ms", "batch_mean"))
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["vs_single"] is not None
+        assert (r["vs_baseline"] is None) == (server == serving.BASELINE)
+        assert (r["switches_per_request"] is None) == (server == serving.BASELINE)  # RepServe's counter only
+    assert rows["auto", "single"]["mixed_share"] == 0.0  # one task: never a mixed batch
+    assert set(arch["memory"]) == {"auto", serving.BASELINE}
+    assert all(m["rss_bytes"] > 0 for m in arch["memory"].values())
+    assert set(res["goal"]["auto_zipf_vs_single"]) == {"embedded"}
+    assert "| zipf | auto |" in serving.render(payload)
 
 
 def test_training_quick(results):
