@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -42,6 +42,15 @@ def tiny_vit() -> Callable[..., Backbone]:
 def embedded() -> Backbone:
     """A fresh copy of the embedded pretrained MobileNetV2 (cheap: ~0.3 s)."""
     return load_backbone()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    from tests.servicekit import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,11 +27,10 @@ from tests.servicekit import (
     assert_predictions,
     encode,
     multipart_bundle,
-    torch_threads,
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "integration-admin"
@@ -41,10 +39,6 @@ SIZE = 32  # px: the embedded MobileNetV2 at a CPU-friendly input size
 STORED = {"t0": 1, "t1": 2, "t2": 3, "t3": 4, "gone": 5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from tests.servicekit import (
     bundle_parts,
     encode,
     multipart_bundle,
-    torch_threads,
     wait_for,
 )
 
@@ -35,10 +34,7 @@ ADMIN, READER = "admin-token", "reader-token"
 STORED = {"a": 1, "b": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,12 @@ from service.errors import InferenceFailed, InferenceTimeout, QueueFull, Shuttin
 from service.lifecycle import Runtime
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.servicekit import TINY_ARCH, TINY_OPTIONS, Model, assert_predictions, encode, torch_threads
+from tests.servicekit import TINY_ARCH, TINY_OPTIONS, Model, assert_predictions, encode
 
 TASKS = {"a": 1, "b": 2, "c": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
