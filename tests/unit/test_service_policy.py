@@ -58,7 +58,56 @@ def test_moving_average_tracks_measurements():
     c.observe_batch("mixed", SHAPE, 4, 0.4)
     assert c.per_image("mixed", SHAPE) == pytest.approx(0.1)
     assert c.per_image("merged", SHAPE) is None
-    assert set(c.snapshot()) == {"switch_s", f"mixed_per_image_s@{SHAPE}"}
+    assert set(c.snapshot()) == {"switch_s", f"mixed_per_image_s@{SHAPE}/b4-7"}
+
+
+def test_estimates_are_per_batch_size_class():
+    c = CostModel()
+    c.observe_batch("mixed", SHAPE, 4, 4 * 0.010)  # class 4-7: 10 ms an image
+    c.observe_batch("mixed", SHAPE, 16, 16 * 0.002)  # class 16-31: 2 ms an image
+    assert c.per_image("mixed", SHAPE, 5) == pytest.approx(0.010)
+    assert c.per_image("mixed", SHAPE, 16) == pytest.approx(0.002)
+    assert c.per_image("mixed", SHAPE, 64) == pytest.approx(0.002)  # nearest measured class
+    assert c.per_image("mixed", SHAPE, 1) == pytest.approx(0.010)
+    assert c.per_image("mixed", SHAPE, 12) == pytest.approx(0.010)  # 8-15: equidistant, the smaller class wins
+    assert c.per_image("mixed", (3, 96, 96), 4) is None
+    # the batch that decides uses its own class: 1 image merged (12 ms) vs 16 mixed at 2 ms, not at 10 ms
+    c.observe_switch(0.010)
+    c.observe_batch("merged", SHAPE, 1, 0.002)
+    assert c.choose(cand(1, 16)) == "mixed"
+    assert c.choose(cand(1, 4)) == "merged"  # mixed 4 at 10 ms + switch: 12.5 ms an image vs merged 12 ms
+
+
+def test_a_stale_estimate_is_explored_and_replaced():
+    c = CostModel(explore_every=4)
+    c.observe_switch(0.001)
+    c.observe_batch("merged", SHAPE, 16, 16 * 0.010)
+    c.observe_batch("mixed", SHAPE, 16, 16 * 0.100)  # a bad warm-up figure: mixed looks 10x slower
+    picks = [c.choose(cand(2, 16)) for _ in range(5)]
+    assert picks == ["merged"] * 4 + ["mixed"]  # the 5th contested decision explores mixed
+    assert c.explorations == 1
+    c.observe_batch("mixed", SHAPE, 16, 16 * 0.004)  # what mixed really costs now
+    assert c.per_image("mixed", SHAPE, 16) == pytest.approx(0.004)  # replaced, not averaged with 0.100
+    assert c.choose(cand(2, 16)) == "mixed"
+    c.observe_batch("mixed", SHAPE, 16, 16 * 0.006)  # ordinary measurements are averaged again
+    assert c.per_image("mixed", SHAPE, 16) == pytest.approx(0.004 + 0.2 * 0.002)
+
+
+def test_exploration_works_both_ways_and_ignores_uncontested_batches():
+    c = CostModel(explore_every=3)
+    c.observe_switch(0.010)
+    c.observe_batch("merged", SHAPE, 1, 0.002)
+    c.observe_batch("mixed", SHAPE, 16, 16 * 0.001)
+    assert all(c.choose(cand(16, 16)) == "merged" for _ in range(10))  # one task only: not contested
+    assert c.explorations == 0
+    picks = [c.choose(cand(1, 16)) for _ in range(8)]
+    assert picks == ["mixed"] * 3 + ["merged"] + ["mixed"] * 3 + ["merged"]
+    assert c.explorations == 2
+
+
+def test_explore_every_must_be_positive():
+    with pytest.raises(ValueError, match="explore_every"):
+        CostModel(explore_every=0)
 
 
 @pytest.mark.parametrize(("policy", "can_mix", "mode"), [("merged", False, "merged"), ("mixed", True, "mixed")])
