@@ -1,21 +1,26 @@
 """Task switch: how long ``WeightSwitcher.activate`` takes to make another task's merged weights live.
 
 The floor for rewriting the affected weights is one copy of them (read + write the same bytes), so the
-figure is the switch time over a ``dst.copy_(src)`` of exactly the targets' sizes and dtype, measured
-interleaved in the same rounds. Goal: switch A -> B <= 1.5 x copy. Cases:
+figure is the switch time over ONE ``dst.copy_(src)`` of a contiguous buffer of exactly the affected
+bytes (targets' weights and bias parts) in their dtype: the memory-bandwidth limit, with no per-tensor
+overhead at all. It is measured interleaved in the same rounds. Goal: switch A -> B <= 1.5 x copy. Cases:
 - ``switch``: A -> B with A active (deltas prepared beforehand: the per-task, once-only ``prepare`` is
   timed separately as ``prepare``, the first-use cost of a task): a cold switch, one ``addmm`` per target;
 - ``switch_hot``: the same with both tasks in the switcher's hot cache (what the service does for its
-  ``hot_cache_size`` most recent tasks): a copy of the cached merged weights;
+  ``hot_cache_size`` most recent tasks): one multi-tensor copy of the cached merged weights and biases;
 - ``to_base`` (A -> plain backbone) and ``from_base`` (plain -> A);
 - naive alternatives on a plain model: ``reload_memory`` (``load_state_dict`` of a full fine-tuned copy
   held in memory on the device: the best case of one-full-model-per-task), ``reload_disk`` (the same from
   a safetensors file, page cache warm) and ``deepcopy`` (``copy.deepcopy`` of the model).
-A second, kernel-level comparison on tensors of the targets' shapes explains the ratio: ``addmm`` (what
-``activate`` runs per target), ``mm_only`` (the rank-r product alone, no base read: the compute floor of
-recomputing), ``chunked`` (copy then in-place addmm per L2-sized row chunk), ``stacked`` (targets of one
-shape stored as one ``[n, out, in]`` buffer, one ``baddbmm`` per shape: two kernel launches for a ViT instead
-of a few per layer, what matters on a GPU) and ``swap`` (pointing the parameters at cached merged tensors:
+A second, kernel-level comparison on tensors of the targets' weight shapes explains the ratio: ``copy``
+(the flat floor again), ``copy_loop`` (one ``copy_`` per tensor from Python), ``foreach_copy`` (one
+``torch._foreach_copy_`` over the list: what ``activate`` runs for hot switches and restores),
+``addmm`` (what a cold switch runs per target; on a CPU its ``out = base + u a`` is a copy of ``base``
+into ``out`` then a GEMM updating ``out``: two passes over the weights), ``mm_only`` (the rank-r product
+alone, no base read: the compute floor of recomputing), ``chunked`` (copy then in-place addmm per
+L2-sized row chunk), ``stacked`` (targets of one shape stored as one ``[n, out, in]`` buffer, one
+``baddbmm`` per shape: two kernel launches for a ViT instead of a few per layer, what matters on a GPU)
+and ``swap`` (pointing the parameters at cached merged tensors:
 a merged-weight cache, which costs one copy of the affected weights per cached task).
 
     python -m bench.switch [--quick] [--archs vit_tiny,vit_base] [--repeats 15]
@@ -44,7 +49,7 @@ GOAL = 1.5
 FULL = {"archs": ["embedded", "vit_tiny", "vit_small", "vit_base"], "repeats": 15}
 QUICK = {"archs": ["vit_tiny"], "repeats": 2}
 CASES = ("switch", "switch_hot", "to_base", "from_base", "copy", "prepare", "reload_memory", "reload_disk", "deepcopy")
-KERNELS = ("copy", "addmm", "mm_only", "chunked", "stacked", "swap")
+KERNELS = ("copy", "copy_loop", "foreach_copy", "addmm", "mm_only", "chunked", "stacked", "swap")
 CHUNK_BYTES = 1 << 20
 """Row chunk of the ``chunked`` kernel: about one core's L2, so the in-place addmm re-reads from cache."""
 
@@ -58,9 +63,8 @@ def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
     sw = WeightSwitcher(attach_slots(model))
     a, b, c = ({k: w.to(device) for k, w in common.random_adapters(sw.sites, seed + i).items()} for i in (1, 2, 3))
     delta_a, delta_b = sw.prepare("a", a), sw.prepare("b", b)
-    affected = [t for target in sw.targets for t in (target.weight_2d, *target.bias_parts)]
-    src = [t.detach().clone() for t in affected]
-    dst = [torch.empty_like(t) for t in affected]
+    affected = sw.live_tensors(range(len(sw.targets)))
+    src, dst = _flat_pair(affected)
     hot = WeightSwitcher(attach_slots(copy.deepcopy(plain)), hot_cache=2)
     hot_a, hot_b = hot.prepare("a", a), hot.prepare("b", b)
     hot.activate(hot_a)
@@ -69,16 +73,12 @@ def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
     path = tmp / f"{name}.safetensors"
     save_file({k: v.contiguous().cpu() for k, v in finetuned.items()}, str(path))
 
-    def copy_all() -> None:
-        for d, s in zip(dst, src, strict=True):
-            d.copy_(s)
-
     cases = {
         "switch": Case(lambda: sw.activate(delta_b), setup=lambda: sw.activate(delta_a)),
         "switch_hot": Case(lambda: hot.activate(hot_b), setup=lambda: hot.activate(hot_a)),
         "to_base": Case(lambda: sw.activate(None), setup=lambda: sw.activate(delta_a)),
         "from_base": Case(lambda: sw.activate(delta_a), setup=lambda: sw.activate(None)),
-        "copy": Case(copy_all),
+        "copy": Case(lambda: dst.copy_(src)),
         "prepare": Case(lambda: sw.prepare("c", c)),
         "reload_memory": Case(lambda: plain.load_state_dict(finetuned)),
         "reload_disk": Case(lambda: plain.load_state_dict(load_file(str(path), device=str(device)))),
@@ -87,6 +87,13 @@ def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
     facts = {"targets": len(sw.targets), "affected_bytes": common.nbytes(affected),
              "delta_bytes": delta_a.nbytes(), "model_bytes": common.model_nbytes(plain)}
     return cases, facts, [tuple(t.weight_2d.shape) for t in sw.targets]
+
+
+def _flat_pair(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Two contiguous buffers of the total size, device and dtype of ``tensors``: the copy floor's."""
+    n = sum(t.numel() for t in tensors)
+    src = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(tensors[0].device, tensors[0].dtype)
+    return src, torch.empty_like(src)
 
 
 def kernel_cases(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype,
@@ -105,7 +112,9 @@ def kernel_cases(shapes: list[tuple[int, int]], device: torch.device, dtype: tor
     cached = [[torch.addmm(bw, uu, aa) for bw, uu, aa in zip(base, u, a, strict=True)] for _ in range(2)]
     state = {"which": 0}
 
-    def copy_all() -> None:
+    flat_src, flat_dst = _flat_pair(base)
+
+    def copy_loop() -> None:
         for lv, bw in zip(live, base, strict=True):
             lv.copy_(bw)
 
@@ -141,8 +150,9 @@ def kernel_cases(shapes: list[tuple[int, int]], device: torch.device, dtype: tor
         for p, t in zip(params, cached[state["which"]], strict=True):
             p.data = t
 
-    return {"copy": Case(copy_all), "addmm": Case(addmm), "mm_only": Case(mm_only), "chunked": Case(chunked),
-            "stacked": Case(stacked), "swap": Case(swap)}
+    return {"copy": Case(lambda: flat_dst.copy_(flat_src)), "copy_loop": Case(copy_loop),
+            "foreach_copy": Case(lambda: torch._foreach_copy_(live, base)), "addmm": Case(addmm),
+            "mm_only": Case(mm_only), "chunked": Case(chunked), "stacked": Case(stacked), "swap": Case(swap)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

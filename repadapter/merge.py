@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,33 +43,34 @@ def fold_delta(weight: Tensor, adapter: AdapterWeights) -> tuple[Tensor, Tensor]
 
 @dataclass
 class TargetDelta:
-    """Precomputed fold for one target layer: ``W' = W + u @ a``, ``bias' = bias + sign * dc``."""
+    """Precomputed fold for one target layer: ``W' = W + u @ a``; each bias part ``+= dc_part``.
+
+    ``dc_parts`` are ``dc`` split like the target's bias parts, with the target's ``bias_sign`` applied
+    (exact: a sign flip), so a switch adds them without any per-target arithmetic.
+    """
 
     u: Tensor  # [out, r]
     a: Tensor  # [r, in]
-    dc: Tensor  # [out]
+    dc_parts: tuple[Tensor, ...]
 
 
 @dataclass(eq=False)
 class TaskDelta:
     """Everything a switch to one task needs, per target layer, in the model's dtype and device.
 
-    ``merged`` is filled by a switcher with a hot cache: the task's merged weights as first computed,
-    so the next switch to it is a plain copy (bitwise the same values, at memory-copy speed).
+    ``merged`` is filled by a switcher with a hot cache: the task's merged weights and biases as first
+    computed (in the order of :meth:`WeightSwitcher.live_tensors` over ``targets``), so the next switch to
+    it is one multi-tensor copy (bitwise the same values, at memory-copy speed).
     """
 
     name: str
-    targets: dict[int, TargetDelta]  # index into the switcher's flat target list
-    merged: dict[int, Tensor] | None = None
+    targets: dict[int, TargetDelta]  # index into the switcher's flat target list, ascending
+    merged: list[Tensor] | None = None
 
     def nbytes(self) -> int:
-        tensors = [t for d in self.targets.values() for t in (d.u, d.a, d.dc)]
-        tensors += list(self.merged.values()) if self.merged else []
+        tensors = [t for d in self.targets.values() for t in (d.u, d.a, *d.dc_parts)]
+        tensors += self.merged or []
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _split(vec: Tensor, parts: tuple[Tensor, ...]) -> list[Tensor]:
-    return list(vec.split([p.numel() for p in parts]))
 
 
 def _addmm_into(out: Tensor, base: Tensor, u: Tensor, a: Tensor) -> None:
@@ -129,12 +131,22 @@ class WeightSwitcher:
         deltas: dict[int, TargetDelta] = {}
         for site_name, w in adapters.items():
             for i in self._index[site_name]:
-                base = self._base_w[i]
+                base, target = self._base_w[i], self.targets[i]
                 u, dc = fold_delta(base, w)
-                deltas[i] = TargetDelta(u.to(base.dtype), w.weight_a.to(base), dc.to(base.dtype))
-                if not (torch.isfinite(deltas[i].u).all() and torch.isfinite(deltas[i].dc).all()):
+                u, dc = u.to(base.dtype), (target.bias_sign * dc).to(base.dtype)
+                if not (torch.isfinite(u).all() and torch.isfinite(dc).all()):
                     raise BundleError(f"task {name!r}: folding {site_name} overflows {base.dtype}")
+                parts = tuple(dc.split([p.numel() for p in target.bias_parts]))
+                deltas[i] = TargetDelta(u, w.weight_a.to(base), parts)
+        deltas = dict(sorted(deltas.items()))
         return TaskDelta(name, deltas)
+
+    def live_tensors(self, indices: Iterable[int]) -> list[Tensor]:
+        """The live weight (as ``[out, in]``) and bias parts of the targets ``indices``, in that order."""
+        return [t for i in indices for t in (self.targets[i].weight_2d, *self.targets[i].bias_parts)]
+
+    def _pristine_tensors(self, indices: Iterable[int]) -> list[Tensor]:
+        return [t for i in indices for t in (self._base_w[i], *self._base_b[i])]
 
     @torch.no_grad()
     def activate(self, delta: TaskDelta | None) -> None:
@@ -142,32 +154,31 @@ class WeightSwitcher:
 
         Every target the new task touches is recomputed from pristine (one rank-r ``addmm``), or copied
         from the task's cached merged weights when it is hot; every other target the old task had
-        touched is restored by a copy. The result is bitwise independent of the switch history.
+        touched is restored by a copy. The result is bitwise independent of the switch history. Copies
+        and bias updates are multi-tensor (``torch._foreach_*``) ops: one dispatch for all targets, not
+        a few per layer, which is what a switch of many small layers (a CNN, a GPU) is bound by.
         """
-        merged = delta.merged if delta is not None else None
-        for i, target in enumerate(self.targets):
-            d = delta.targets.get(i) if delta is not None else None
-            if d is None:
-                if self.active is not None:
-                    self._restore(i, target)
-                continue
-            if merged is not None:
-                target.weight_2d.copy_(merged[i])
-            else:
-                _addmm_into(target.weight_2d, self._base_w[i], d.u, d.a)
-            dc_parts = _split(d.dc, target.bias_parts)
-            for live, base, dc in zip(target.bias_parts, self._base_b[i], dc_parts, strict=True):
-                torch.add(base, dc, alpha=target.bias_sign, out=live)
+        touched = delta.targets if delta is not None else {}
+        if self.active is not None:
+            self._restore([i for i in range(len(self.targets)) if i not in touched])
+        if delta is not None and delta.merged is not None:
+            torch._foreach_copy_(self.live_tensors(touched), delta.merged)
+        elif touched:
+            for i, d in touched.items():
+                _addmm_into(self.targets[i].weight_2d, self._base_w[i], d.u, d.a)
+            live = [p for i in touched for p in self.targets[i].bias_parts]
+            base = [p for i in touched for p in self._base_b[i]]
+            torch._foreach_copy_(live, torch._foreach_add(base, [p for d in touched.values() for p in d.dc_parts]))
         self.active = delta.name if delta is not None else None
         if delta is not None and self.hot_cache > 0:
             self._remember(delta)
-        log.debug("activated task=%s hot=%s", self.active, merged is not None)
+        log.debug("activated task=%s", self.active)
 
     def _remember(self, delta: TaskDelta) -> None:
         """Keep ``delta``'s merged weights for the ``hot_cache`` most recently used tasks."""
         key = id(delta)
         if delta.merged is None:
-            delta.merged = {i: self.targets[i].weight_2d.clone() for i in delta.targets}
+            delta.merged = [t.clone() for t in self.live_tensors(delta.targets)]
         self._hot[key] = delta
         self._hot.move_to_end(key)
         while len(self._hot) > self.hot_cache:
@@ -178,14 +189,12 @@ class WeightSwitcher:
     def reset(self) -> None:
         """Restore every target from pristine, whatever state the weights are in (e.g. after a failure
         part-way through ``activate``)."""
-        for i, target in enumerate(self.targets):
-            self._restore(i, target)
+        self._restore(range(len(self.targets)))
         self.active = None
 
-    def _restore(self, i: int, target: Target) -> None:
-        target.weight_2d.copy_(self._base_w[i])
-        for live, base in zip(target.bias_parts, self._base_b[i], strict=True):
-            live.copy_(base)
+    def _restore(self, indices: Sequence[int]) -> None:
+        if indices:
+            torch._foreach_copy_(self.live_tensors(indices), self._pristine_tensors(indices))
 
     def drift(self) -> float:
         """Max abs difference of live vs pristine weights (0.0 means bitwise equal); for the base state."""
