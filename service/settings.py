@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         0, ge=0, description="CPU threads torch uses in this process (0: torch's default, from OMP_NUM_THREADS or "
         "the cores); match the CPU limit, or 1 on a small shared machine.")
     warmup: bool = Field(True, description="Warm up every input size and measure the costs `auto` needs before "
-                         "reporting ready (without it `auto` serves merged).")
+                         "reporting ready (without it `auto` starts on merged and learns the mixed cost by exploring).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
 
     @field_validator("admin_token", "classify_token", mode="after")
