@@ -95,7 +95,7 @@ def _repserve(name: str, n: int, device: torch.device, dtype: torch.dtype, lru: 
     from repadapter import AdapterConfig, BackboneRef, Manifest, TaskBundle, WeightSwitcher, attach_slots
 
     bb = common.load(name, device, dtype, seed)
-    sw = WeightSwitcher(attach_slots(bb.model))
+    sw = WeightSwitcher(attach_slots(bb.model), pack=True)
     ref = BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint)
     labels = [f"class-{i}" for i in range(HEAD_CLASSES)]
     registry: dict[str, tuple[TaskBundle, dict, torch.Tensor, torch.Tensor]] = {}

@@ -60,12 +60,12 @@ def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
     bb = common.load(name, device, dtype, seed)
     plain = bb.model
     model = copy.deepcopy(plain)
-    sw = WeightSwitcher(attach_slots(model))
+    sw = WeightSwitcher(attach_slots(model), pack=True)  # as the service runs it
     a, b, c = ({k: w.to(device) for k, w in common.random_adapters(sw.sites, seed + i).items()} for i in (1, 2, 3))
     delta_a, delta_b = sw.prepare("a", a), sw.prepare("b", b)
     affected = sw.live_tensors(range(len(sw.targets)))
     src, dst = _flat_pair(affected)
-    hot = WeightSwitcher(attach_slots(copy.deepcopy(plain)), hot_cache=2)
+    hot = WeightSwitcher(attach_slots(copy.deepcopy(plain)), hot_cache=2, pack=True)
     hot_a, hot_b = hot.prepare("a", a), hot.prepare("b", b)
     hot.activate(hot_a)
     hot.activate(hot_b)  # both hot from now on

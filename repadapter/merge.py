@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +59,9 @@ class TaskDelta:
     """Everything a switch to one task needs, per target layer, in the model's dtype and device.
 
     ``merged`` is filled by a switcher with a hot cache: the task's merged weights and biases as first
-    computed (in the order of :meth:`WeightSwitcher.live_tensors` over ``targets``), so the next switch to
-    it is one multi-tensor copy (bitwise the same values, at memory-copy speed).
+    computed, so the next switch to it is one copy (bitwise the same values, at memory-copy speed): a
+    copy of the switcher's packed buffer when the task adapts every target, else one tensor per
+    :meth:`WeightSwitcher.live_tensors` entry over ``targets``.
     """
 
     name: str
@@ -95,18 +96,49 @@ def check_adapters(sites: list[Site], adapters: dict[str, AdapterWeights]) -> No
             raise BundleError(f"adapter {name}: {e}") from e
 
 
+def pack_tensors(tensors: Sequence[Tensor], align_bytes: int = 256) -> Tensor | None:
+    """Move ``tensors`` into one new flat buffer, in place, and return it (``None``: not packable).
+
+    Each tensor keeps its identity, shape, strides and values, but views the buffer afterwards
+    (``Tensor.set_``), at an offset aligned to ``align_bytes``; so one ``copy_`` of the buffer rewrites
+    all of them at memory-bandwidth speed, with no per-tensor work. Packable: distinct, contiguous tensors
+    of one device and dtype (anything else is left as it is).
+    """
+    if not tensors or len({id(t) for t in tensors}) != len(tensors):
+        return None
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if any(t.dtype != dtype or t.device != device or not t.is_contiguous() for t in tensors):
+        return None
+    align = max(1, align_bytes // tensors[0].element_size())
+    offsets, size = [], 0
+    for t in tensors:
+        size = -(-size // align) * align
+        offsets.append(size)
+        size += t.numel()
+    buffer = torch.zeros(size, dtype=dtype, device=device)
+    with torch.no_grad():
+        for t, offset in zip(tensors, offsets, strict=True):
+            buffer[offset:offset + t.numel()].copy_(t.reshape(-1))
+            t.set_(buffer.untyped_storage(), offset, t.shape, t.stride())
+    return buffer
+
+
 class WeightSwitcher:
     """Owns the live weights of every target layer and switches them between base and task-merged.
 
     Keeps a pristine copy of each target weight and bias part (same device and dtype: the fastest
-    restore, at the cost of one extra copy of the affected tensors).
+    restore, at the cost of one extra copy of the affected tensors). With ``pack`` the switcher also owns
+    their memory: the live tensors are moved into one flat buffer (:func:`pack_tensors`; parameters keep
+    their identity), so that restoring the base, or switching to a hot task that adapts every target, is
+    ONE copy of that buffer, the bandwidth floor. Without it (a model whose memory others rely on, e.g.
+    a training model) the same switches are one multi-tensor copy.
 
     Threading: ``activate`` and ``reset`` mutate the live weights and must run on the one thread that
     runs forwards (the engine's worker). ``prepare`` only reads the pristine copies, which never change
     after construction, so it may run on any thread (e.g. validating a registration off the worker).
     """
 
-    def __init__(self, sites: list[Site], *, hot_cache: int = 0) -> None:
+    def __init__(self, sites: list[Site], *, hot_cache: int = 0, pack: bool = False) -> None:
         self.sites = sites
         self.hot_cache = hot_cache
         self._hot: OrderedDict[int, TaskDelta] = OrderedDict()  # id -> delta holding merged weights, LRU
@@ -115,15 +147,39 @@ class WeightSwitcher:
         for site in sites:
             self._index[site.name] = list(range(len(self.targets), len(self.targets) + len(site.targets)))
             self.targets.extend(site.targets)
+        owned = [t for target in self.targets for t in (target.weight, *target.bias_parts)]
+        self._buffer = pack_tensors(owned) if pack else None
+        if pack and self._buffer is None:
+            log.warning("target tensors not packable (mixed dtypes/devices or non-contiguous): switching per tensor")
+        # the live tensors as views made once (after packing): a switch of many small layers is bound by
+        # per-tensor work, and the views stay valid while the parameters are updated in place
+        self._live = [(t.weight_2d, *t.bias_parts) for t in self.targets]
         with torch.no_grad():
-            self._base_w = [t.weight_2d.detach().clone() for t in self.targets]
-            self._base_b = [tuple(p.detach().clone() for p in t.bias_parts) for t in self.targets]
+            if self._buffer is not None:
+                self._pristine = self._buffer.clone()
+                views = [tuple(self._pristine.as_strided(v.shape, v.stride(), v.storage_offset()) for v in live)
+                         for live in self._live]
+            else:
+                views = [tuple(v.detach().clone() for v in live) for live in self._live]
+        self._base_w = [v[0] for v in views]
+        self._base_b = [v[1:] for v in views]
         self.active: str | None = None
 
     @property
+    def packed(self) -> bool:
+        """Whether the live target tensors share one flat buffer (see ``pack``)."""
+        return self._buffer is not None
+
+    @property
     def pristine_nbytes(self) -> int:
+        if self._buffer is not None:
+            return self._pristine.numel() * self._pristine.element_size()
         tensors = [*self._base_w, *(p for parts in self._base_b for p in parts)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _whole(self, indices: Sized) -> bool:
+        """Whether a switch over ``indices`` covers every target of a packed buffer: one flat copy."""
+        return self._buffer is not None and len(indices) == len(self.targets)
 
     def prepare(self, name: str, adapters: dict[str, AdapterWeights]) -> TaskDelta:
         """Precompute the task's fold against the pristine base weights (validates first)."""
@@ -143,7 +199,7 @@ class WeightSwitcher:
 
     def live_tensors(self, indices: Iterable[int]) -> list[Tensor]:
         """The live weight (as ``[out, in]``) and bias parts of the targets ``indices``, in that order."""
-        return [t for i in indices for t in (self.targets[i].weight_2d, *self.targets[i].bias_parts)]
+        return [t for i in indices for t in self._live[i]]
 
     def _pristine_tensors(self, indices: Iterable[int]) -> list[Tensor]:
         return [t for i in indices for t in (self._base_w[i], *self._base_b[i])]
@@ -162,11 +218,14 @@ class WeightSwitcher:
         if self.active is not None:
             self._restore([i for i in range(len(self.targets)) if i not in touched])
         if delta is not None and delta.merged is not None:
-            torch._foreach_copy_(self.live_tensors(touched), delta.merged)
+            if self._whole(touched):
+                self._buffer.copy_(delta.merged[0])
+            else:
+                torch._foreach_copy_(self.live_tensors(touched), delta.merged)
         elif touched:
             for i, d in touched.items():
-                _addmm_into(self.targets[i].weight_2d, self._base_w[i], d.u, d.a)
-            live = [p for i in touched for p in self.targets[i].bias_parts]
+                _addmm_into(self._live[i][0], self._base_w[i], d.u, d.a)
+            live = [p for i in touched for p in self._live[i][1:]]
             base = [p for i in touched for p in self._base_b[i]]
             torch._foreach_copy_(live, torch._foreach_add(base, [p for d in touched.values() for p in d.dc_parts]))
         self.active = delta.name if delta is not None else None
@@ -178,7 +237,8 @@ class WeightSwitcher:
         """Keep ``delta``'s merged weights for the ``hot_cache`` most recently used tasks."""
         key = id(delta)
         if delta.merged is None:
-            delta.merged = [t.clone() for t in self.live_tensors(delta.targets)]
+            delta.merged = ([self._buffer.clone()] if self._whole(delta.targets)
+                            else [t.clone() for t in self.live_tensors(delta.targets)])
         self._hot[key] = delta
         self._hot.move_to_end(key)
         while len(self._hot) > self.hot_cache:
@@ -193,7 +253,9 @@ class WeightSwitcher:
         self.active = None
 
     def _restore(self, indices: Sequence[int]) -> None:
-        if indices:
+        if self._whole(indices):
+            self._buffer.copy_(self._pristine)
+        elif indices:
             torch._foreach_copy_(self.live_tensors(indices), self._pristine_tensors(indices))
 
     def drift(self) -> float:

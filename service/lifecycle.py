@@ -50,7 +50,7 @@ class Runtime:
         self.backbone = load_backbone(settings.backbone, settings.checkpoint, device=device,
                                       dtype=settings.torch_dtype, seed=settings.seed, **settings.backbone_options)
         self.sites = _attach(self.backbone.model, self.backbone.arch)
-        self.switcher = WeightSwitcher(self.sites, hot_cache=settings.hot_cache_size)
+        self.switcher = WeightSwitcher(self.sites, hot_cache=settings.hot_cache_size, pack=True)
         self.store = LocalStore(settings.store)
         self.registry = TaskRegistry(
             self.store, self.backbone, self.sites, self.switcher.prepare, metrics=metrics,

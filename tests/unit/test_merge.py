@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from repadapter import RepAdapter, WeightSwitcher, algebraic_unmerge, attach_slots, clear_adapters, mixed_batch
 from repadapter.errors import BundleError, UnsupportedBackbone
-from repadapter.merge import fold_delta
+from repadapter.merge import fold_delta, pack_tensors
 from tests.conftest import TINY_VITS, image_batch, random_adapters, rel_err
 
 
@@ -90,13 +91,15 @@ def _live(sw: WeightSwitcher) -> list[torch.Tensor]:
     return [t.weight_2d.clone() for t in sw.targets] + [p.clone() for t in sw.targets for p in t.bias_parts]
 
 
-@pytest.mark.parametrize(("dtype", "hot_cache"), [(torch.float32, 0), (torch.float16, 0), (torch.bfloat16, 0),
-                                                 (torch.float32, 2), (torch.bfloat16, 2)])
-def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype, hot_cache):
+@pytest.mark.parametrize(("dtype", "hot_cache", "pack"), [
+    (torch.float32, 0, False), (torch.float16, 0, False), (torch.bfloat16, 0, False), (torch.float32, 2, False),
+    (torch.bfloat16, 2, False), (torch.float32, 0, True), (torch.float32, 2, True), (torch.bfloat16, 2, True)])
+def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype, hot_cache, pack):
     bb = tiny_vit("vit_tiny_patch16_224", depth=2)
     bb.model.to(dtype)
     sites = attach_slots(bb.model)
-    sw = WeightSwitcher(sites, hot_cache=hot_cache)
+    sw = WeightSwitcher(sites, hot_cache=hot_cache, pack=pack)
+    assert sw.packed is pack
     pristine = _live(sw)
     deltas = [sw.prepare(f"t{i}", random_adapters(sites, seed=10 + i)) for i in range(5)]
     # a 6th task adapting only half the sites: switching to it must restore the others exactly
@@ -117,6 +120,49 @@ def test_thousand_random_switches_are_bitwise_exact(tiny_vit, dtype, hot_cache):
     assert sw.drift() == 0.0
     assert len(first) == len(deltas) + 1
     assert sum(d.merged is not None for d in deltas) == hot_cache  # the LRU holds exactly hot_cache tasks
+
+
+def test_packed_switcher_owns_one_buffer_and_changes_nothing_else(embedded, photos):
+    """Packing moves the target tensors into one buffer without changing a value, a parameter's identity,
+    or any result: merged weights are bitwise those of an unpacked switcher, hot or cold."""
+    twin = copy.deepcopy(embedded.model)
+    params = {n: id(p) for n, p in embedded.model.named_parameters()}
+    sites, twin_sites = attach_slots(embedded.model), attach_slots(twin)
+    x = image_batch(photos, embedded)
+    with torch.no_grad():
+        before = embedded.model(x)
+        sw = WeightSwitcher(sites, hot_cache=1, pack=True)
+        assert sw.packed
+        assert torch.equal(embedded.model(x), before)
+    assert {n: id(p) for n, p in embedded.model.named_parameters()} == params
+    owned = [t for target in sw.targets for t in (target.weight, *target.bias_parts)]
+    assert len({t.untyped_storage().data_ptr() for t in owned}) == 1  # one buffer...
+    assert all(t.storage_offset() * t.element_size() % 256 == 0 for t in owned)  # ...each at an aligned offset
+    assert sw.pristine_nbytes >= sum(t.numel() * t.element_size() for t in owned)
+    ref = WeightSwitcher(twin_sites)
+    a, b = random_adapters(sites, seed=4, std=0.05), random_adapters(sites, seed=5, std=0.05)
+    deltas = {"a": (sw.prepare("a", a), ref.prepare("a", a)), "b": (sw.prepare("b", b), ref.prepare("b", b))}
+    for name in ["a", "b", "a", None, "a"]:  # the third "a" is cold again (hot_cache 1), the last one hot
+        mine, theirs = deltas[name] if name else (None, None)
+        sw.activate(mine)
+        ref.activate(theirs)
+        assert all(torch.equal(p, q) for p, q in zip(_live(sw), _live(ref), strict=True)), name
+    sw.activate(None)
+    assert sw.drift() == 0.0
+    with torch.no_grad():
+        assert torch.equal(embedded.model(x), before)
+
+
+def test_unpackable_targets_fall_back_to_per_tensor_switching(tiny_vit):
+    bb = tiny_vit("vit_tiny_patch16_224", depth=2)
+    sites = attach_slots(bb.model)
+    sites[0].targets[0].bias_parts[0].data = sites[0].targets[0].bias_parts[0].data.double()  # mixed dtypes
+    assert pack_tensors([t for s in sites for t in s.targets[0].bias_parts]) is None
+    sw = WeightSwitcher(sites, pack=True)
+    assert not sw.packed
+    sw.activate(sw.prepare("t", random_adapters(sites, seed=6)))
+    sw.activate(None)
+    assert sw.drift() == 0.0
 
 
 def test_empty_slots_leave_the_forward_untouched(tiny_vit, photos):
