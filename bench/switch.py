@@ -236,6 +236,7 @@ def render(payload: dict[str, Any]) -> str:
         f"({w['arch']}, {w['dtype']}). Hot switch (task in the hot cache): met in "
         f"**{goal['met_hot']}/{goal['of']}**, worst **{goal['worst_hot']['switch_vs_copy']:.2f} x** "
         f"({goal['worst_hot']['arch']}, {goal['worst_hot']['dtype']}).",
+        *_cold_explained(res["kernels"]),
         "",
         "Medians; ratios in brackets are medians of per-round ratios (switch cases: x copy; "
         "naive alternatives: x switch).",
@@ -266,6 +267,19 @@ def render(payload: dict[str, Any]) -> str:
             [[k["arch"], k["dtype"], *(f"{t(k[n]['median_s'])} (x{k['vs_copy'][n]:.2f})" for n in KERNELS)]
              for k in res["kernels"]]))
     return "\n".join(parts)
+
+
+def _cold_explained(kernels: list[dict[str, Any]]) -> list[str]:
+    """Why a cold switch costs what it does, from the kernel table: the addmm alone, on the same shapes."""
+    if not kernels:
+        return []
+    ratios = [k["vs_copy"]["addmm"] for k in kernels]
+    return ["", f"A cold switch is bound by the ``addmm`` kernel itself: ``out = base + u a`` alone runs at "
+            f"x{min(ratios):.2f} to x{max(ratios):.2f} one copy on the targets' shapes here (kernel table), since "
+            "torch computes it as a copy of ``base`` into ``out`` and then a GEMM updating ``out``: two passes over "
+            "the weights. Below 1.5x needs a fused one-pass kernel (e.g. Triton on a GPU). The service keeps its "
+            "``REPSERVE_HOT_CACHE_SIZE`` most recent tasks hot, switching at the copy floor; a cold switch is the "
+            "first use of a task after eviction."]
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
