@@ -9,8 +9,9 @@ merged forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,27 +41,52 @@ class RowAdapters:
         return torch.baddbmm(flat, self.sb, h).add_(self.m[:, :, None]).view_as(x)
 
 
-def _stack(site: Site, tasks: Sequence[dict[str, AdapterWeights]], ref: Tensor) -> list[Tensor]:
+@dataclass(frozen=True)
+class RowFold:
+    """One adapter in the form :class:`RowAdapters` applies: ``a [r, d]``, ``sb = s B [d, r]``,
+    ``m = s (B a + b) [d]``. Computing it is a few small ops per site; a server keeps it per task (in the
+    serving dtype and device), so assembling a mixed batch is three stacks and three gathers per site."""
+
+    a: Tensor
+    sb: Tensor
+    m: Tensor
+
+    @classmethod
+    def of(cls, w: AdapterWeights) -> RowFold:
+        b = w.dense_b()
+        return cls(w.weight_a, w.scale * b, w.scale * torch.addmv(w.bias_b, b, w.bias_a))
+
+    @property
+    def hidden(self) -> int:
+        return self.a.shape[0]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.a, self.sb, self.m
+
+
+TaskAdapters = Mapping[str, AdapterWeights | RowFold]
+"""One task's adapters by site name, as bundles hold them or already folded (:meth:`RowFold.of`)."""
+
+
+def _stack(site: Site, tasks: Sequence[TaskAdapters], ref: Tensor) -> list[Tensor]:
     """Stacked ``a [T, r, d]``, ``s B [T, d, r]`` and ``m [T, d]`` for one site, zero-padded to the max r
     (a task without an adapter at the site gets zeros: the identity)."""
     present = [t.get(site.name) for t in tasks]
-    r = max((w.hidden for w in present if w is not None), default=1)
-    n, d = len(tasks), site.dim
-    a = ref.new_zeros(n, r, d)
-    sb = ref.new_zeros(n, d, r)
-    m = ref.new_zeros(n, d)
-    for i, w in enumerate(present):
-        if w is None:
-            continue
-        k, b = w.hidden, w.dense_b()
-        a[i, :k] = w.weight_a
-        torch.mul(b, w.scale, out=sb[i, :, :k])
-        torch.mul(torch.addmv(w.bias_b, b, w.bias_a), w.scale, out=m[i])
-    return [a, sb, m]
+    folds = [None if w is None else w if isinstance(w, RowFold) else RowFold.of(w) for w in present]
+    hidden = {f.hidden for f in folds if f is not None}
+    if len(hidden) == 1 and None not in folds:  # the common case: three stacks
+        return [torch.stack(ts).to(ref) for ts in zip(*(f.tensors() for f in folds), strict=True)]
+    r, n, d = max(hidden, default=1), len(tasks), site.dim
+    out = [ref.new_zeros(n, r, d), ref.new_zeros(n, d, r), ref.new_zeros(n, d)]
+    for i, f in enumerate(folds):
+        if f is not None:
+            k = f.hidden
+            out[0][i, :k], out[1][i, :, :k], out[2][i] = f.tensors()
+    return out
 
 
 @contextmanager
-def mixed_batch(sites: list[Site], tasks: Sequence[dict[str, AdapterWeights]], rows: Tensor) -> Iterator[None]:
+def mixed_batch(sites: list[Site], tasks: Sequence[TaskAdapters], rows: Tensor) -> Iterator[None]:
     """Within the block, a forward pass applies ``tasks[rows[i]]``'s adapters to row ``i``.
 
     ``rows`` is a long tensor ``[B]`` of indices into ``tasks``. The base weights must be live (no task

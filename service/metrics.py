@@ -103,7 +103,7 @@ class StateCollector(Collector):
         yield active
         memory = GaugeMetricFamily(
             "repserve_device_memory_bytes", "Memory on the serving device by kind (backbone, pristine copies, "
-            "cached deltas, heads; allocated/reserved from the CUDA allocator).", labels=["kind"])
+            "cached deltas, row folds, heads; allocated/reserved from the CUDA allocator).", labels=["kind"])
         for kind, n in sorted(s.memory().items()):
             memory.add_metric([kind], n)
         yield memory

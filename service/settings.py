@@ -57,7 +57,8 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="Largest decoded image, width x height (413 above; decompression bombs).")
     max_bundle_bytes: int = Field(512 << 20, ge=1, description="Largest task upload to POST /tasks, in bytes.")
     delta_cache_size: int = Field(
-        32, ge=1, description="Precomputed task deltas kept (LRU); a miss costs one fold at switch time.")
+        32, ge=1, description="Precomputed task deltas (for merged batches) and row folds (for mixed "
+        "batches) kept, LRU each; a miss costs one fold.")
     hot_cache_size: int = Field(
         4, ge=0, description="Tasks whose merged weights stay cached, so switching to them is a memory copy "
         "(each costs one copy of the adapted layers' weights); 0: every switch recomputes (rank-r addmm).")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from repadapter import RepAdapter, WeightSwitcher, algebraic_unmerge, attach_slots, clear_adapters, mixed_batch
+from repadapter import RepAdapter, RowFold, WeightSwitcher, algebraic_unmerge, attach_slots, clear_adapters, mixed_batch
 from repadapter.errors import BundleError, UnsupportedBackbone
 from repadapter.merge import fold_delta, pack_tensors
 from tests.conftest import TINY_VITS, image_batch, random_adapters, rel_err
@@ -237,6 +237,26 @@ def test_mixed_batch_equals_per_task_merged(tiny_vit, embedded, photos, arch):
             sw.activate(sw.prepare(str(t), tasks[t]) if tasks[t] else None)
             ref = bb.model(x[i : i + 1])
             assert rel_err(mixed[i : i + 1], ref) <= 1e-5
+    sw.activate(None)
+
+
+def test_mixed_batch_of_pre_folded_tasks_equals_per_task_merged(tiny_vit, photos):
+    """The serving path: every task pre-folded (RowFold), one hidden size, so the batch is plain stacks."""
+    bb = tiny_vit("vit_tiny_patch16_224")
+    sites = attach_slots(bb.model)
+    tasks = [random_adapters(sites, seed=30 + i, std=0.05) for i in range(3)]
+    folds = [{site: RowFold.of(w) for site, w in t.items()} for t in tasks]
+    x = image_batch(photos, bb)
+    rows = torch.tensor([2, 0, 1, 2])
+    sw = WeightSwitcher(sites)
+    with torch.no_grad():
+        with mixed_batch(sites, folds, rows):
+            mixed = bb.model(x)
+        with mixed_batch(sites, tasks, rows):  # folded on the fly: the same numbers
+            assert torch.equal(bb.model(x), mixed)
+        for i, t in enumerate(rows.tolist()):
+            sw.activate(sw.prepare(str(t), tasks[t]))
+            assert rel_err(mixed[i : i + 1], bb.model(x[i : i + 1])) <= 1e-5
     sw.activate(None)
 
 

@@ -95,6 +95,24 @@ def test_policies_give_the_offline_merged_predictions(make_runtime, model, bundl
         assert sizes == [2] * 4
 
 
+def test_mixed_batches_reuse_row_folds_within_the_cache_bound(make_runtime, model, bundles, images):
+    """Folded adapters are kept per task version (LRU as large as the delta cache), and a task evicted and
+    folded again answers exactly as before."""
+    runtime = make_runtime(policy="mixed", delta_cache_size=2)
+    engine = runtime.engine
+    first = {}
+    for name in ["a", "b", "a", "c", "a"]:  # "a" evicted by b, c and folded again at the end
+        result = asyncio.run(classify(runtime, name, images))
+        assert result.modes == ["mixed"]
+        assert_predictions(result.predictions, model.predict(bundles[name], images))
+        assert first.setdefault(name, result.predictions) == result.predictions
+        assert len(engine._folds) <= 2
+    assert list(engine._folds) == [runtime.registry.get(n).key for n in ("c", "a")]
+    one_task = sum(t.numel() * t.element_size() for f in engine._folds[runtime.registry.get("a").key].values()
+                   for t in f.tensors())
+    assert engine.memory()["row_folds"] == 2 * one_task  # same sites and sizes for every task
+
+
 def test_builtin_task_is_the_backbones_classifier(make_runtime, model, images):
     runtime = make_runtime(policy="merged")
     result = asyncio.run(classify(runtime, "imagenet", images, top_k=3))
