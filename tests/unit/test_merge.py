@@ -228,15 +228,19 @@ def test_mixed_batch_equals_per_task_merged(tiny_vit, embedded, photos, arch):
              {}]  # a task without adapters (linear probe / pretrained head): identity
     x = image_batch(photos, bb)
     rows = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad(), mixed_batch(sites, tasks, rows):
+        mixed = bb.model(x)
+    assert all(s.slot.mixed is None for s in sites)  # context cleared
+    _assert_rows_are_merged(bb, sites, tasks, rows, x, mixed)
+
+
+@torch.no_grad()
+def _assert_rows_are_merged(bb, sites, tasks, rows, x, mixed) -> None:
+    """Row ``i`` of a mixed forward equals task ``rows[i]`` merged (tasks without adapters: the base)."""
     sw = WeightSwitcher(sites)
-    with torch.no_grad():
-        with mixed_batch(sites, tasks, rows):
-            mixed = bb.model(x)
-        assert all(s.slot.mixed is None for s in sites)  # context cleared
-        for i, t in enumerate(rows.tolist()):
-            sw.activate(sw.prepare(str(t), tasks[t]) if tasks[t] else None)
-            ref = bb.model(x[i : i + 1])
-            assert rel_err(mixed[i : i + 1], ref) <= 1e-5
+    for i, t in enumerate(rows.tolist()):
+        sw.activate(sw.prepare(str(t), tasks[t]) if tasks[t] else None)
+        assert rel_err(mixed[i : i + 1], bb.model(x[i : i + 1])) <= 1e-5
     sw.activate(None)
 
 
@@ -248,16 +252,12 @@ def test_mixed_batch_of_pre_folded_tasks_equals_per_task_merged(tiny_vit, photos
     folds = [{site: RowFold.of(w) for site, w in t.items()} for t in tasks]
     x = image_batch(photos, bb)
     rows = torch.tensor([2, 0, 1, 2])
-    sw = WeightSwitcher(sites)
     with torch.no_grad():
         with mixed_batch(sites, folds, rows):
             mixed = bb.model(x)
         with mixed_batch(sites, tasks, rows):  # folded on the fly: the same numbers
             assert torch.equal(bb.model(x), mixed)
-        for i, t in enumerate(rows.tolist()):
-            sw.activate(sw.prepare(str(t), tasks[t]))
-            assert rel_err(mixed[i : i + 1], bb.model(x[i : i + 1])) <= 1e-5
-    sw.activate(None)
+    _assert_rows_are_merged(bb, sites, tasks, rows, x, mixed)
 
 
 def test_non_finite_adapter_refused_before_touching_weights(tiny_vit):
