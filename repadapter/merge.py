@@ -156,13 +156,12 @@ class WeightSwitcher:
         self._live = [(t.weight_2d, *t.bias_parts) for t in self.targets]
         with torch.no_grad():
             if self._buffer is not None:
-                self._pristine = self._buffer.clone()
-                views = [tuple(self._pristine.as_strided(v.shape, v.stride(), v.storage_offset()) for v in live)
-                         for live in self._live]
+                self._pristine_buffer = self._buffer.clone()
+                # pristine twins of ``_live``: views of the pristine buffer at the live tensors' offsets
+                self._base = [tuple(self._pristine_buffer.as_strided(v.shape, v.stride(), v.storage_offset())
+                                    for v in live) for live in self._live]
             else:
-                views = [tuple(v.detach().clone() for v in live) for live in self._live]
-        self._base_w = [v[0] for v in views]
-        self._base_b = [v[1:] for v in views]
+                self._base = [tuple(v.detach().clone() for v in live) for live in self._live]
         self.active: str | None = None
 
     @property
@@ -173,9 +172,8 @@ class WeightSwitcher:
     @property
     def pristine_nbytes(self) -> int:
         if self._buffer is not None:
-            return self._pristine.numel() * self._pristine.element_size()
-        tensors = [*self._base_w, *(p for parts in self._base_b for p in parts)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            return self._pristine_buffer.numel() * self._pristine_buffer.element_size()
+        return sum(t.numel() * t.element_size() for t in self._pristine_tensors(range(len(self.targets))))
 
     def _whole(self, indices: Sized) -> bool:
         """Whether a switch over ``indices`` covers every target of a packed buffer: one flat copy."""
@@ -187,7 +185,7 @@ class WeightSwitcher:
         deltas: dict[int, TargetDelta] = {}
         for site_name, w in adapters.items():
             for i in self._index[site_name]:
-                base, target = self._base_w[i], self.targets[i]
+                base, target = self._base[i][0], self.targets[i]
                 u, dc = fold_delta(base, w)
                 u, dc = u.to(base.dtype), (target.bias_sign * dc).to(base.dtype)
                 if not (torch.isfinite(u).all() and torch.isfinite(dc).all()):
@@ -202,7 +200,7 @@ class WeightSwitcher:
         return [t for i in indices for t in self._live[i]]
 
     def _pristine_tensors(self, indices: Iterable[int]) -> list[Tensor]:
-        return [t for i in indices for t in (self._base_w[i], *self._base_b[i])]
+        return [t for i in indices for t in self._base[i]]
 
     @torch.no_grad()
     def activate(self, delta: TaskDelta | None) -> None:
@@ -224,9 +222,9 @@ class WeightSwitcher:
                 torch._foreach_copy_(self.live_tensors(touched), delta.merged)
         elif touched:
             for i, d in touched.items():
-                _addmm_into(self._live[i][0], self._base_w[i], d.u, d.a)
+                _addmm_into(self._live[i][0], self._base[i][0], d.u, d.a)
             live = [p for i in touched for p in self._live[i][1:]]
-            base = [p for i in touched for p in self._base_b[i]]
+            base = [p for i in touched for p in self._base[i][1:]]
             torch._foreach_copy_(live, torch._foreach_add(base, [p for d in touched.values() for p in d.dc_parts]))
         self.active = delta.name if delta is not None else None
         if delta is not None and self.hot_cache > 0:
@@ -254,18 +252,15 @@ class WeightSwitcher:
 
     def _restore(self, indices: Sequence[int]) -> None:
         if self._whole(indices):
-            self._buffer.copy_(self._pristine)
+            self._buffer.copy_(self._pristine_buffer)
         elif indices:
             torch._foreach_copy_(self.live_tensors(indices), self._pristine_tensors(indices))
 
     def drift(self) -> float:
         """Max abs difference of live vs pristine weights (0.0 means bitwise equal); for the base state."""
-        return max(
-            max((t.weight_2d - b).abs().max().item() for t, b in zip(self.targets, self._base_w, strict=True)),
-            max((lp - bp).abs().max().item()
-                for t, bb in zip(self.targets, self._base_b, strict=True)
-                for lp, bp in zip(t.bias_parts, bb, strict=True)),
-        )
+        every = range(len(self.targets))
+        return max((live - base).abs().max().item()
+                   for live, base in zip(self.live_tensors(every), self._pristine_tensors(every), strict=True))
 
 
 def algebraic_unmerge(weight: Tensor, bias: Tensor, adapter: AdapterWeights) -> tuple[Tensor, Tensor]:
