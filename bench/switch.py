@@ -6,8 +6,8 @@ bytes (targets' weights and bias parts) in their dtype: the memory-bandwidth lim
 overhead at all. It is measured interleaved in the same rounds. Goal: switch A -> B <= 1.5 x copy. Cases:
 - ``switch``: A -> B with A active (deltas prepared beforehand: the per-task, once-only ``prepare`` is
   timed separately as ``prepare``, the first-use cost of a task): a cold switch, one ``addmm`` per target;
-- ``switch_hot``: the same with both tasks in the switcher's hot cache (what the service does for its
-  ``hot_cache_size`` most recent tasks): one multi-tensor copy of the cached merged weights and biases;
+- ``switch_hot``: the same from both tasks' merged-weight snapshots (``WeightSwitcher.snapshot``: what the
+  service's live tier keeps for recently merged tasks, ``REPSERVE_LIVE_CACHE_BYTES``): one copy;
 - ``to_base`` (A -> plain backbone) and ``from_base`` (plain -> A);
 - naive alternatives on a plain model: ``reload_memory`` (``load_state_dict`` of a full fine-tuned copy
   held in memory on the device: the best case of one-full-model-per-task), ``reload_disk`` (the same from
@@ -65,17 +65,19 @@ def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
     delta_a, delta_b = sw.prepare("a", a), sw.prepare("b", b)
     affected = sw.live_tensors(range(len(sw.targets)))
     src, dst = _flat_pair(affected)
-    hot = WeightSwitcher(attach_slots(copy.deepcopy(plain)), hot_cache=2, pack=True)
+    hot = WeightSwitcher(attach_slots(copy.deepcopy(plain)), pack=True)
     hot_a, hot_b = hot.prepare("a", a), hot.prepare("b", b)
     hot.activate(hot_a)
-    hot.activate(hot_b)  # both hot from now on
+    merged_a = hot.snapshot(hot_a)
+    hot.activate(hot_b)
+    merged_b = hot.snapshot(hot_b)  # both hot from now on
     finetuned = {k: v.clone() for k, v in plain.state_dict().items()}  # one full model per task
     path = tmp / f"{name}.safetensors"
     save_file({k: v.contiguous().cpu() for k, v in finetuned.items()}, str(path))
 
     cases = {
         "switch": Case(lambda: sw.activate(delta_b), setup=lambda: sw.activate(delta_a)),
-        "switch_hot": Case(lambda: hot.activate(hot_b), setup=lambda: hot.activate(hot_a)),
+        "switch_hot": Case(lambda: hot.activate(hot_b, merged_b), setup=lambda: hot.activate(hot_a, merged_a)),
         "to_base": Case(lambda: sw.activate(None), setup=lambda: sw.activate(delta_a)),
         "from_base": Case(lambda: sw.activate(delta_a), setup=lambda: sw.activate(None)),
         "copy": Case(lambda: dst.copy_(src)),
@@ -233,7 +235,7 @@ def render(payload: dict[str, Any]) -> str:
     parts = [
         f"Goal: switch A -> B <= {goal['switch_vs_copy_max']} x one copy of the affected weights. Cold switch "
         f"(rank-r addmm from pristine): met in **{goal['met']}/{goal['of']}**, worst **{w['switch_vs_copy']:.2f} x** "
-        f"({w['arch']}, {w['dtype']}). Hot switch (task in the hot cache): met in "
+        f"({w['arch']}, {w['dtype']}). Hot switch (task in the live tier): met in "
         f"**{goal['met_hot']}/{goal['of']}**, worst **{goal['worst_hot']['switch_vs_copy']:.2f} x** "
         f"({goal['worst_hot']['arch']}, {goal['worst_hot']['dtype']}).",
         *_cold_explained(res["kernels"]),
@@ -277,9 +279,9 @@ def _cold_explained(kernels: list[dict[str, Any]]) -> list[str]:
     return ["", f"A cold switch is bound by the ``addmm`` kernel itself: ``out = base + u a`` alone runs at "
             f"x{min(ratios):.2f} to x{max(ratios):.2f} one copy on the targets' shapes here (kernel table), since "
             "torch computes it as a copy of ``base`` into ``out`` and then a GEMM updating ``out``: two passes over "
-            "the weights. Below 1.5x needs a fused one-pass kernel (e.g. Triton on a GPU). The service keeps its "
-            "``REPSERVE_HOT_CACHE_SIZE`` most recent tasks hot, switching at the copy floor; a cold switch is the "
-            "first use of a task after eviction."]
+            "the weights. Below 1.5x needs a fused one-pass kernel (e.g. Triton on a GPU). The service keeps "
+            "recently merged tasks' weights in its live tier (``REPSERVE_LIVE_CACHE_BYTES``), switching at the copy "
+            "floor; a cold switch is the first merge of a task, or after its eviction."]
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:

@@ -5,16 +5,16 @@ No web code lives here; ``service/`` and ``training/`` build on this package.
 
 from .adapter import AdapterWeights, RepAdapter, dense_up
 from .backbone import Backbone, load_backbone
-from .bundle import AdapterConfig, BackboneRef, Manifest, TaskBundle
+from .bundle import AdapterConfig, BackboneRef, Manifest, PackedBundle, TaskBundle
 from .inject import AdapterSlot, Site, add_adapters, attach_slots, clear_adapters
-from .merge import TaskDelta, WeightSwitcher, algebraic_unmerge
+from .merge import MergedWeights, TaskDelta, WeightSwitcher, algebraic_unmerge
 from .mixed import RowFold, mixed_batch
 from .preprocess import PreprocessConfig, build_transform, decode_image
 from .store import LocalStore
 
 __all__ = [
     "AdapterConfig", "AdapterSlot", "AdapterWeights", "Backbone", "BackboneRef", "LocalStore", "Manifest",
-    "PreprocessConfig", "RepAdapter", "RowFold", "Site", "TaskBundle", "TaskDelta", "WeightSwitcher", "add_adapters",
-    "algebraic_unmerge", "attach_slots", "build_transform", "clear_adapters", "decode_image", "dense_up",
-    "load_backbone", "mixed_batch",
+    "MergedWeights", "PackedBundle", "PreprocessConfig", "RepAdapter", "RowFold", "Site", "TaskBundle", "TaskDelta",
+    "WeightSwitcher", "add_adapters", "algebraic_unmerge", "attach_slots", "build_transform", "clear_adapters",
+    "decode_image", "dense_up", "load_backbone", "mixed_batch",
 ]

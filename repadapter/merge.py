@@ -14,7 +14,6 @@ and a task's merged weights are bitwise identical every time it becomes active.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
 
@@ -56,22 +55,27 @@ class TargetDelta:
 
 @dataclass(eq=False)
 class TaskDelta:
-    """Everything a switch to one task needs, per target layer, in the model's dtype and device.
-
-    ``merged`` is filled by a switcher with a hot cache: the task's merged weights and biases as first
-    computed, so the next switch to it is one copy (bitwise the same values, at memory-copy speed): a
-    copy of the switcher's packed buffer when the task adapts every target, else one tensor per
-    :meth:`WeightSwitcher.live_tensors` entry over ``targets``.
-    """
+    """Everything a switch to one task needs, per target layer, in the model's dtype and device."""
 
     name: str
     targets: dict[int, TargetDelta]  # index into the switcher's flat target list, ascending
-    merged: list[Tensor] | None = None
 
     def nbytes(self) -> int:
-        tensors = [t for d in self.targets.values() for t in (d.u, d.a, *d.dc_parts)]
-        tensors += self.merged or []
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for d in self.targets.values() for t in (d.u, d.a, *d.dc_parts))
+
+
+@dataclass(eq=False)
+class MergedWeights:
+    """A task's merged weights and biases as a switch first computed them (:meth:`WeightSwitcher.snapshot`),
+    so switching to the task again is one copy, bitwise the same values: a copy of the switcher's packed
+    buffer when the task adapts every target, else one tensor per :meth:`WeightSwitcher.live_tensors`
+    entry over the delta's targets. Whoever keeps them decides how many (the service: its live tier)."""
+
+    tensors: list[Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 def _addmm_into(out: Tensor, base: Tensor, u: Tensor, a: Tensor) -> None:
@@ -129,19 +133,20 @@ class WeightSwitcher:
     Keeps a pristine copy of each target weight and bias part (same device and dtype: the fastest
     restore, at the cost of one extra copy of the affected tensors). With ``pack`` the switcher also owns
     their memory: the live tensors are moved into one flat buffer (:func:`pack_tensors`; parameters keep
-    their identity), so that restoring the base, or switching to a hot task that adapts every target, is
-    ONE copy of that buffer, the bandwidth floor. Without it (a model whose memory others rely on, e.g.
-    a training model) the same switches are one multi-tensor copy.
+    their identity), so that restoring the base, or switching to a task from its :class:`MergedWeights`
+    when it adapts every target, is ONE copy of that buffer, the bandwidth floor. Without it (a model
+    whose memory others rely on, e.g. a training model) the same switches are one multi-tensor copy.
 
-    Threading: ``activate`` and ``reset`` mutate the live weights and must run on the one thread that
-    runs forwards (the engine's worker). ``prepare`` only reads the pristine copies, which never change
-    after construction, so it may run on any thread (e.g. validating a registration off the worker).
+    The switcher knows which targets differ from pristine (to restore exactly those), not which task is
+    live: that is its caller's to record.
+
+    Threading: ``activate``, ``snapshot`` and ``reset`` read or mutate the live weights and must run on the
+    one thread that runs forwards (the engine's worker). ``prepare`` only reads the pristine copies, which
+    never change after construction, so it may run on any thread.
     """
 
-    def __init__(self, sites: list[Site], *, hot_cache: int = 0, pack: bool = False) -> None:
+    def __init__(self, sites: list[Site], *, pack: bool = False) -> None:
         self.sites = sites
-        self.hot_cache = hot_cache
-        self._hot: OrderedDict[int, TaskDelta] = OrderedDict()  # id -> delta holding merged weights, LRU
         self.targets: list[Target] = []
         self._index: dict[str, list[int]] = {}
         for site in sites:
@@ -162,12 +167,17 @@ class WeightSwitcher:
                                     for v in live) for live in self._live]
             else:
                 self._base = [tuple(v.detach().clone() for v in live) for live in self._live]
-        self.active: str | None = None
+        self._modified: frozenset[int] = frozenset()  # targets that differ from pristine now
 
     @property
     def packed(self) -> bool:
         """Whether the live target tensors share one flat buffer (see ``pack``)."""
         return self._buffer is not None
+
+    @property
+    def is_base(self) -> bool:
+        """Whether every target holds its pristine weights."""
+        return not self._modified
 
     @property
     def pristine_nbytes(self) -> int:
@@ -203,52 +213,53 @@ class WeightSwitcher:
         return [t for i in indices for t in self._base[i]]
 
     @torch.no_grad()
-    def activate(self, delta: TaskDelta | None) -> None:
+    def activate(self, delta: TaskDelta | None, merged: MergedWeights | None = None) -> None:
         """Make ``delta``'s task live (``None``: the plain backbone). Goes A -> B directly.
 
         Every target the new task touches is recomputed from pristine (one rank-r ``addmm``), or copied
-        from the task's cached merged weights when it is hot; every other target the old task had
-        touched is restored by a copy. The result is bitwise independent of the switch history. Copies
-        and bias updates are multi-tensor (``torch._foreach_*``) ops: one dispatch for all targets, not
-        a few per layer, which is what a switch of many small layers (a CNN, a GPU) is bound by.
+        from ``merged`` (the task's :meth:`snapshot`, taken after an earlier activation of the same
+        delta); every other target the old task had touched is restored by a copy. The result is bitwise
+        independent of the switch history. Copies and bias updates are multi-tensor (``torch._foreach_*``)
+        ops: one dispatch for all targets, not a few per layer, which is what a switch of many small
+        layers (a CNN, a GPU) is bound by.
         """
         touched = delta.targets if delta is not None else {}
-        if self.active is not None:
-            self._restore([i for i in range(len(self.targets)) if i not in touched])
-        if delta is not None and delta.merged is not None:
+        stale = [i for i in sorted(self._modified) if i not in touched]
+        self._modified = frozenset(range(len(self.targets)))  # unknown until done: a failure restores all
+        self._restore(stale)
+        if merged is not None and touched:
             if self._whole(touched):
-                self._buffer.copy_(delta.merged[0])
+                self._buffer.copy_(merged.tensors[0])
             else:
-                torch._foreach_copy_(self.live_tensors(touched), delta.merged)
+                torch._foreach_copy_(self.live_tensors(touched), merged.tensors)
         elif touched:
             for i, d in touched.items():
                 _addmm_into(self._live[i][0], self._base[i][0], d.u, d.a)
             live = [p for i in touched for p in self._live[i][1:]]
             base = [p for i in touched for p in self._base[i][1:]]
             torch._foreach_copy_(live, torch._foreach_add(base, [p for d in touched.values() for p in d.dc_parts]))
-        self.active = delta.name if delta is not None else None
-        if delta is not None and self.hot_cache > 0:
-            self._remember(delta)
-        log.debug("activated task=%s", self.active)
+        self._modified = frozenset(touched)
+        log.debug("activated task=%s", delta.name if delta is not None else None)
 
-    def _remember(self, delta: TaskDelta) -> None:
-        """Keep ``delta``'s merged weights for the ``hot_cache`` most recently used tasks."""
-        key = id(delta)
-        if delta.merged is None:
-            delta.merged = ([self._buffer.clone()] if self._whole(delta.targets)
-                            else [t.clone() for t in self.live_tensors(delta.targets)])
-        self._hot[key] = delta
-        self._hot.move_to_end(key)
-        while len(self._hot) > self.hot_cache:
-            _, evicted = self._hot.popitem(last=False)
-            evicted.merged = None
+    @torch.no_grad()
+    def snapshot(self, delta: TaskDelta) -> MergedWeights:
+        """A copy of the live merged weights of ``delta``'s targets; call right after ``activate(delta)``."""
+        if self._whole(delta.targets):
+            return MergedWeights([self._buffer.clone()])
+        return MergedWeights([t.clone() for t in self.live_tensors(delta.targets)])
+
+    def snapshot_nbytes(self, delta: TaskDelta) -> int:
+        """What :meth:`snapshot` of ``delta`` would hold, without taking it."""
+        if self._whole(delta.targets):
+            return self._buffer.numel() * self._buffer.element_size()
+        return sum(t.numel() * t.element_size() for t in self.live_tensors(delta.targets))
 
     @torch.no_grad()
     def reset(self) -> None:
         """Restore every target from pristine, whatever state the weights are in (e.g. after a failure
         part-way through ``activate``)."""
         self._restore(range(len(self.targets)))
-        self.active = None
+        self._modified = frozenset()
 
     def _restore(self, indices: Sequence[int]) -> None:
         if self._whole(indices):

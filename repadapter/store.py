@@ -1,45 +1,83 @@
-"""The adapter store: versioned task bundles on disk, written atomically, verified on read.
+"""The adapter store: versioned task bundles on disk, written atomically, verified on read, with a catalog.
 
 Layout::
 
     <root>/<task>/v000001/{manifest.json, adapter.safetensors}
-    <root>/.tmp/...       in-flight writes (never visible as tasks; removed by ``gc``)
-    <root>/.lock          writer lock (fcntl), one writer at a time across processes and replicas
+    <root>/.catalog/catalog.json   latest version of every task (kept by writers; see below)
+    <root>/.tmp/...                in-flight writes and deleted tasks (never visible as tasks; ``gc``)
+    <root>/.lock                   writer lock (fcntl), one writer at a time across processes and replicas
 
 A version directory appears only by an atomic ``rename`` of a fully written, fsynced temp directory,
 so a crash at any point leaves either the old state or the complete new version. Deleting a task
 renames it into ``.tmp`` first (atomic disappearance), then removes the files.
+
+The catalog makes reading the store independent of its size. The directories stay the truth; the
+catalog is an index of them that every writer rewrites atomically (under the lock) after its change,
+recording the root directory's mtime as it left it. A reader's :meth:`LocalStore.catalog` costs two
+``stat`` calls while nothing changed; after a writer's change it parses one file; only when the root
+directory changed behind the catalog's back (a task directory copied in or removed by hand, a writer that
+crashed between its rename and its catalog update) does it walk the directories. A change inside an
+existing task's directory made by hand is seen by a walk only: ``catalog(rescan=True)`` (the service
+does it at start-up and on SIGHUP) or :meth:`LocalStore.reindex`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .bundle import MANIFEST_FILE, TASK_NAME, TENSORS_FILE, Manifest, TaskBundle, parse_manifest
+from .bundle import MANIFEST_FILE, TASK_NAME, TENSORS_FILE, Manifest, PackedBundle, TaskBundle, parse_manifest
 from .errors import BundleError, StoreError, TaskExists, TaskNotFound
 
 log = logging.getLogger(__name__)
 
 _VERSION_PREFIX = "v"
+CATALOG_DIR, CATALOG_FILE = ".catalog", "catalog.json"
+_CATALOG_FORMAT = 1
 
 
 @dataclass(frozen=True)
 class TaskEntry:
-    """A stored task's latest version, for listings."""
+    """A stored task's latest version. ``etag`` identifies that stored version (its manifest file's mtime
+    and size: version directories are immutable, and a task deleted and stored again gets new files), so a
+    reader can tell a changed task from an unchanged one without reading it."""
 
     name: str
     version: int
-    path: Path
-    mtime: float
+    etag: str
+    root: Path
+
+    @property
+    def path(self) -> Path:
+        """The version's directory."""
+        return self.root / self.name / _version_name(self.version)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Every stored task's latest version, by name, as of one reading of the store (never mutated).
+
+    ``LocalStore.catalog`` returns the same object while the store is unchanged, so ``is`` tells a
+    caller that nothing changed."""
+
+    entries: Mapping[str, TaskEntry] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def sorted(self) -> list[TaskEntry]:
+        return [self.entries[n] for n in sorted(self.entries)]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,6 +88,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part: a temp
+    file beside it, fsynced, renamed over it, and the directory fsynced. The temp file is removed on error."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -57,14 +112,31 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _version_name(version: int) -> str:
+    return f"{_VERSION_PREFIX}{version:06d}"
+
+
+def _etag(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
 class LocalStore:
-    """A directory of task bundles, safe for concurrent readers and writers (processes or replicas)."""
+    """A directory of task bundles, safe for concurrent readers and writers (processes or replicas).
+
+    Thread-safety: every method may be called from any thread; writers serialise on the file lock, and
+    :meth:`catalog` on an internal lock around its cache.
+    """
 
     def __init__(self, root: str | Path, *, lock_timeout_s: float = 30.0) -> None:
         self.root = Path(root)
         self.lock_timeout_s = lock_timeout_s
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / ".tmp").mkdir(exist_ok=True)
+        for d in (".tmp", CATALOG_DIR):  # made up front: creating them later would change the root's mtime
+            with contextlib.suppress(OSError):  # a read-only store: readers need neither
+                (self.root / d).mkdir(exist_ok=True)
+        self._catalog_path = self.root / CATALOG_DIR / CATALOG_FILE
+        self._cache: tuple[tuple[Any, int], Catalog] | None = None  # (file signature, root mtime) -> catalog
+        self._cache_lock = threading.Lock()
 
     # ---- reading -------------------------------------------------------------------------------------
 
@@ -76,40 +148,120 @@ class LocalStore:
     def versions(self, name: str) -> list[int]:
         """Complete versions of ``name``, ascending (empty if the task does not exist)."""
         d = self._task_dir(name)
-        if not d.is_dir():
+        try:
+            names = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        out = []
-        for p in d.iterdir():
-            if p.name.startswith(_VERSION_PREFIX) and p.name[1:].isdigit() and (p / MANIFEST_FILE).is_file():
-                out.append(int(p.name[1:]))
-        return sorted(out)
+        return sorted(int(n[1:]) for n in names if n.startswith(_VERSION_PREFIX) and n[1:].isdigit()
+                      and os.path.isfile(d / n / MANIFEST_FILE))
 
-    def list(self) -> list[TaskEntry]:
-        """Latest version of every task, sorted by name."""
-        entries = []
-        for d in sorted(self.root.iterdir()):
-            if d.name.startswith(".") or not d.is_dir() or not TASK_NAME.match(d.name):
-                continue
-            vs = self.versions(d.name)
-            if vs:
-                path = d / f"{_VERSION_PREFIX}{vs[-1]:06d}"
-                entries.append(TaskEntry(d.name, vs[-1], path, (path / MANIFEST_FILE).stat().st_mtime))
+    def _entry(self, name: str) -> TaskEntry | None:
+        """The latest complete version of one task directory, read from the directory itself."""
+        vs = self.versions(name)
+        if not vs:
+            return None
+        path = self.root / name / _version_name(vs[-1])
+        try:
+            return TaskEntry(name, vs[-1], _etag((path / MANIFEST_FILE).stat()), self.root)
+        except FileNotFoundError:  # deleted meanwhile
+            return None
+
+    def _walk(self) -> dict[str, TaskEntry]:
+        entries = {}
+        with os.scandir(self.root) as it:
+            names = [e.name for e in it if not e.name.startswith(".") and TASK_NAME.match(e.name) and e.is_dir()]
+        for name in names:
+            entry = self._entry(name)
+            if entry is not None:
+                entries[name] = entry
         return entries
 
+    def _signature(self) -> tuple[Any, int]:
+        """What the catalog depends on: the catalog file's identity and the root directory's mtime."""
+        try:
+            st = self._catalog_path.stat()
+            file_sig: Any = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            file_sig = None
+        return file_sig, self.root.stat().st_mtime_ns
+
+    def _read_catalog(self) -> dict[str, Any] | None:
+        """The catalog file's document, or ``None`` if it is missing or unreadable (then a walk decides)."""
+        try:
+            doc = json.loads(self._catalog_path.read_bytes())
+            if doc.get("format") != _CATALOG_FORMAT or not isinstance(doc.get("tasks"), dict):
+                raise ValueError(f"unknown catalog format {doc.get('format')!r}")
+            return doc
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("store catalog unreadable, walking the directories store=%s error=%s", self.root, e)
+            return None
+
+    def _from_doc(self, doc: dict[str, Any]) -> dict[str, TaskEntry]:
+        root = self.root
+        return {name: TaskEntry(name, version, etag, root) for name, (version, etag) in doc["tasks"].items()}
+
+    def catalog(self, *, rescan: bool = False) -> Catalog:
+        """Every task's latest version. Costs two ``stat`` calls while the store is unchanged (and then
+        returns the very same object); ``rescan`` walks the task directories whatever the catalog says."""
+        with self._cache_lock:
+            sig = self._signature()
+            if not rescan and self._cache is not None and self._cache[0] == sig:
+                return self._cache[1]
+            doc = None if rescan or sig[0] is None else self._read_catalog()
+            if doc is not None and doc.get("root_mtime_ns") == sig[1]:
+                entries = self._from_doc(doc)
+            else:
+                start = time.perf_counter()
+                entries = self._walk()
+                log.info("store walked store=%s tasks=%d seconds=%.3f reason=%s", self.root, len(entries),
+                         time.perf_counter() - start, "rescan" if rescan else "catalog stale or missing")
+            catalog = Catalog(entries)
+            self._cache = (sig, catalog)
+            return catalog
+
+    def list(self) -> list[TaskEntry]:
+        """Latest version of every task, sorted by name (from the catalog)."""
+        return self.catalog().sorted()
+
+    def entry(self, name: str, version: int) -> TaskEntry:
+        """The entry of one stored version, read from its directory (e.g. right after :meth:`put`)."""
+        try:
+            st = (self._task_dir(name) / _version_name(version) / MANIFEST_FILE).stat()
+        except FileNotFoundError:
+            raise TaskNotFound(f"task {name!r} has no version {version}") from None
+        return TaskEntry(name, version, _etag(st), self.root)
+
     def _version_dir(self, name: str, version: int | None) -> Path:
+        d = self._task_dir(name)
+        if version is not None:
+            path = d / _version_name(version)
+            if (path / MANIFEST_FILE).is_file():
+                return path
         vs = self.versions(name)
         if not vs:
             raise TaskNotFound(f"no task {name!r} in the store")
-        v = vs[-1] if version is None else version
-        if v not in vs:
-            raise TaskNotFound(f"task {name!r} has no version {v} (versions: {vs})")
-        return self._task_dir(name) / f"{_VERSION_PREFIX}{v:06d}"
+        if version is not None:
+            raise TaskNotFound(f"task {name!r} has no version {version} (versions: {vs})")
+        return d / _version_name(vs[-1])
+
+    def manifest_bytes(self, name: str, version: int | None = None) -> bytes:
+        try:
+            return (self._version_dir(name, version) / MANIFEST_FILE).read_bytes()
+        except FileNotFoundError as e:  # deleted between listing and reading
+            raise TaskNotFound(f"task {name!r} disappeared while being read") from e
 
     def manifest(self, name: str, version: int | None = None) -> Manifest:
-        return parse_manifest((self._version_dir(name, version) / MANIFEST_FILE).read_bytes())
+        """The stored manifest only (no tensors are read)."""
+        return parse_manifest(self.manifest_bytes(name, version))
 
     def get(self, name: str, version: int | None = None) -> TaskBundle:
         """Load a bundle (latest version by default), verifying its sha256 against the manifest."""
+        return self.get_packed(name, version).unpack()
+
+    def get_packed(self, name: str, version: int | None = None) -> PackedBundle:
+        """Load a bundle in its compact form (one buffer), verifying its sha256 against the manifest."""
         d = self._version_dir(name, version)
         try:
             manifest = parse_manifest((d / MANIFEST_FILE).read_bytes())
@@ -118,7 +270,7 @@ class LocalStore:
             raise TaskNotFound(f"task {name!r} disappeared while being read") from e
         if not manifest.tensors_sha256:
             raise BundleError(f"stored task {name!r} has no checksum in its manifest")
-        return TaskBundle.deserialize(manifest, data)
+        return PackedBundle.deserialize(manifest, data)
 
     # ---- writing -------------------------------------------------------------------------------------
 
@@ -140,6 +292,35 @@ class LocalStore:
         finally:
             os.close(fd)  # releases the lock
 
+    def _update_catalog(self, name: str, before_mtime_ns: int) -> None:
+        """Rewrite the catalog after this writer's change to ``name`` (writer lock held).
+
+        ``before_mtime_ns`` is the root's mtime before the change: if the catalog was not written at that
+        state, something changed behind its back and the whole catalog is rebuilt by a walk."""
+        doc = self._read_catalog()
+        if doc is None or doc.get("root_mtime_ns") != before_mtime_ns:
+            entries = self._walk()
+        else:
+            entries = self._from_doc(doc)
+            entry = self._entry(name)
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+        self._write_catalog(entries)
+
+    def _write_catalog(self, entries: Mapping[str, TaskEntry]) -> None:
+        doc = {"format": _CATALOG_FORMAT, "root_mtime_ns": self.root.stat().st_mtime_ns,
+               "tasks": {n: [e.version, e.etag] for n, e in sorted(entries.items())}}
+        write_file_atomic(self._catalog_path, json.dumps(doc, separators=(",", ":")).encode())
+
+    def reindex(self) -> Catalog:
+        """Rebuild the catalog file from the directories (after tasks were copied in by hand)."""
+        with self.lock():
+            entries = self._walk()
+            self._write_catalog(entries)
+        return self.catalog()
+
     def put(self, bundle: TaskBundle, *, overwrite: bool = False) -> Manifest:
         """Write ``bundle`` as the task's next version; returns the stored manifest.
 
@@ -153,6 +334,7 @@ class LocalStore:
             version = (existing[-1] if existing else 0) + 1
             bundle.manifest = bundle.manifest.model_copy(update={"version": version})
             manifest_bytes, data = bundle.serialize()
+            before = self.root.stat().st_mtime_ns
             tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root / ".tmp"))
             try:
                 _write_file(tmp / TENSORS_FILE, data)
@@ -160,10 +342,10 @@ class LocalStore:
                 _fsync_dir(tmp)
                 task_dir = self.root / name
                 task_dir.mkdir(exist_ok=True)
-                final = task_dir / f"{_VERSION_PREFIX}{version:06d}"
-                os.rename(tmp, final)
+                os.rename(tmp, task_dir / _version_name(version))
                 _fsync_dir(task_dir)
                 _fsync_dir(self.root)
+                self._update_catalog(name, before)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StoreError(f"writing task {name!r} failed: {e}") from e
@@ -176,9 +358,11 @@ class LocalStore:
             d = self._task_dir(name)
             if not self.versions(name):
                 raise TaskNotFound(f"no task {name!r} in the store")
+            before = self.root.stat().st_mtime_ns
             grave = Path(tempfile.mkdtemp(prefix=f"deleted-{name}-", dir=self.root / ".tmp"))
             os.rename(d, grave / name)
             _fsync_dir(self.root)
+            self._update_catalog(name, before)
         shutil.rmtree(grave, ignore_errors=True)
         log.info("deleted task=%s", name)
 

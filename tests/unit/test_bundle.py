@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from repadapter import AdapterWeights, BackboneRef, Manifest, TaskBundle, WeightSwitcher, attach_slots
+from repadapter import AdapterWeights, BackboneRef, Manifest, PackedBundle, TaskBundle, WeightSwitcher, attach_slots
 from repadapter.bundle import import_official, parse_manifest
 from repadapter.errors import BackboneMismatch, BundleError, ChecksumMismatch
 from tests.conftest import image_batch, random_adapters, rel_err
@@ -133,3 +133,35 @@ def test_official_grouped_conv_semantics_match():
 
     ours = RepAdapter.from_weights(w).eval()(x.transpose(1, 2)).transpose(1, 2)
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_bundle_is_one_buffer_and_unpacks_to_views(tiny_vit):
+    """Thousands of tasks are held packed: one float32 buffer per task (its payload, not ~130 allocations),
+    one layout object shared by every task of the same shapes, and views instead of copies on unpack."""
+    bb = tiny_vit()
+    sites = attach_slots(bb.model)
+    one, two = make_bundle(bb, sites, "one", seed=1), make_bundle(bb, sites, "two", seed=2)
+    p1, p2 = one.pack(), two.pack()
+    payload = sum(t.numel() * t.element_size() for t in one.tensors().values())
+    assert p1.nbytes == payload
+    assert p1.layout is p2.layout
+    unpacked = p1.unpack()
+    tensors = [unpacked.head_weight, unpacked.head_bias, *(t for w in unpacked.adapters.values()
+                                                           for t in w.tensors().values())]
+    assert {t.untyped_storage().data_ptr() for t in tensors} == {p1.buffer.untyped_storage().data_ptr()}
+    assert all(torch.equal(unpacked.adapters[s].weight_a, w.weight_a) for s, w in one.adapters.items())
+    assert torch.equal(unpacked.head_bias, one.head_bias)
+    manifest, data = one.serialize()
+    assert torch.equal(PackedBundle.deserialize(manifest, data).buffer, p1.buffer)
+
+
+def test_manifest_hidden_size_must_match_the_adapters(tiny_vit):
+    bb = tiny_vit()
+    bundle = make_bundle(bb, attach_slots(bb.model))
+    tensors = bundle.tensors()
+    as_probe = bundle.manifest.model_copy(update={"adapter": bundle.manifest.adapter.model_copy(update={"hidden": 0})})
+    with pytest.raises(BundleError, match=r"adapter\.hidden is 0"):
+        PackedBundle.from_tensors(as_probe, tensors)
+    head_only = {k: v for k, v in tensors.items() if k.startswith("head.")}
+    with pytest.raises(BundleError, match="declares adapters"):
+        PackedBundle.from_tensors(bundle.manifest, head_only)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,47 @@ def test_listing_ignores_foreign_and_incomplete_entries(store, vit_sites):
     start = time.monotonic()
     assert store.versions("half") == []
     assert time.monotonic() - start < 1
+
+
+def test_catalog_is_change_based(store, vit_sites):
+    """While nothing changes a scan returns the very same catalog; a writer's change is seen through the
+    catalog file, a task directory copied in by hand through the root's mtime, a version added by hand
+    inside an existing task only by a walk (``rescan``), and the next writer repairs the catalog file."""
+    bb, sites = vit_sites
+    store.put(make_bundle(bb, sites, "a", seed=1))
+    first = store.catalog()
+    assert store.catalog() is first
+    assert LocalStore(store.root).catalog().entries == first.entries  # another process reads the same file
+    store.put(make_bundle(bb, sites, "b", seed=2))
+    second = store.catalog()
+    assert second is not first
+    assert sorted(second.entries) == ["a", "b"]
+    assert second.entries["a"] == first.entries["a"]  # unchanged entries keep their etag
+
+    staging = LocalStore(store.root.parent / "staging")
+    staging.put(make_bundle(bb, sites, "c", seed=3))
+    staging.put(make_bundle(bb, sites, "a", seed=4))
+    staging.put(make_bundle(bb, sites, "a", seed=6), overwrite=True)
+    shutil.copytree(staging.root / "c", store.root / "c")  # a new task directory: the root's mtime changes
+    assert sorted(store.catalog().entries) == ["a", "b", "c"]
+    shutil.copytree(staging.root / "a" / "v000002", store.root / "a" / "v000002")  # inside a task: unseen...
+    assert store.catalog().entries["a"].version == 1
+    assert store.catalog(rescan=True).entries["a"].version == 2  # ...until a walk
+    reader = LocalStore(store.root)
+    store.put(make_bundle(bb, sites, "d", seed=5))  # the writer finds the catalog stale and rebuilds it
+    assert {n: e.version for n, e in reader.catalog().entries.items()} == {"a": 2, "b": 1, "c": 1, "d": 1}
+    store.delete("b")
+    assert sorted(reader.catalog().entries) == ["a", "c", "d"]
+    assert store.entry("a", 2) == reader.catalog().entries["a"]
+
+
+def test_catalog_of_a_store_without_one_is_walked(tmp_path, vit_sites):
+    """A store written before catalogs existed (or with its catalog removed) is read by walking it."""
+    bb, sites = vit_sites
+    store = LocalStore(tmp_path / "s")
+    store.put(make_bundle(bb, sites, "x"))
+    (store.root / ".catalog" / "catalog.json").unlink()
+    assert [e.name for e in LocalStore(store.root).list()] == ["x"]
+    (store.root / ".catalog" / "catalog.json").write_text("{not json")
+    assert [e.name for e in LocalStore(store.root).list()] == ["x"]
+    assert store.reindex().entries["x"].version == 1
