@@ -6,7 +6,7 @@ scheduler hands the engine's worker one :class:`Batch` at a time:
 1. **Which task next.** A queue whose oldest item waited ``starvation_s`` or more is served first, oldest
    first: that bounds every task's wait. Otherwise, among *ready* queues (oldest item waited
    ``max_delay_s``, or enough images to fill ``max_batch``), the one that fills the most of a merged
-   batch, preferring the weights already live (no switch), then the oldest.
+   batch, preferring the weights already live (no switch; ``live()`` says which), then the oldest.
 2. **Which mode.** ``choose`` (the policy, see :mod:`service.policy`) picks ``merged`` (one weight set: one
    adapter task, or any tasks without adapters, which all run on the base weights) or ``mixed`` (several
    tasks in one forward with per-row adapters).
@@ -14,6 +14,7 @@ scheduler hands the engine's worker one :class:`Batch` at a time:
    queue; only items of one input ``shape`` share a batch.
 
 Thread-safety: every public method takes the scheduler's lock; ``next_batch`` blocks on its condition.
+``live`` is called under that lock: it must only read (the residency's record of the live weights).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ Mode = Literal["merged", "mixed"]
 class WorkItem:
     """One unit of queued work: ``size`` images of one task version.
 
-    ``weights`` names the weight set a merged forward needs (``None``: the base weights, for tasks
+    ``weight_key`` names the weight set a merged forward needs (``None``: the base weights, for tasks
     without adapters); ``shape`` the input size (only equal shapes share a batch). ``abandoned`` is set by
     the requester when it stops waiting; the scheduler then drops the item unserved.
     """
 
     queue: Hashable
-    weights: Hashable
+    weight_key: Hashable
     shape: Hashable
     size: int
     payload: Any = None
@@ -50,11 +51,12 @@ class WorkItem:
 
 @dataclass
 class Batch:
-    """Items served by one forward pass. ``weights``: the live weight set (``None`` for mixed: the base)."""
+    """Items served by one forward pass. ``weight_key``: the weight set to make live (``None`` for mixed:
+    the base)."""
 
     items: list[WorkItem]
     mode: Mode
-    weights: Hashable = None
+    weight_key: Hashable = None
 
     @property
     def size(self) -> int:
@@ -66,8 +68,8 @@ class Candidate:
     """What the policy decides on: the next batch's task and the two ways of serving it."""
 
     shape: Hashable
-    weights: Hashable  # weight set of the chosen queue
-    active: Hashable  # weight set live now
+    weight_key: Hashable  # weight set of the chosen queue
+    live: Hashable  # weight set live now
     merged_images: int  # images a merged batch would take (<= max_batch)
     mixed_images: int  # images a mixed batch would take (<= max_batch)
 
@@ -92,13 +94,14 @@ class Scheduler:
     """Dynamic batching over per-task queues; see the module docstring for the rules."""
 
     def __init__(self, *, max_batch: int, max_delay_s: float, starvation_s: float, max_queued: int,
-                 choose: Choose, can_mix: bool, clock: Callable[[], float] = time.monotonic) -> None:
+                 choose: Choose, can_mix: bool, live: Callable[[], Hashable] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch, self.max_delay_s, self.starvation_s = max_batch, max_delay_s, starvation_s
         self.max_queued, self.choose, self.can_mix, self.clock = max_queued, choose, can_mix, clock
+        self.live = live
         self._queues: dict[Hashable, _Queue] = {}
         self._cond = threading.Condition()
         self._queued = 0
-        self._active: Hashable = None
         self._closed = False
         self._interrupted = False
 
@@ -134,11 +137,6 @@ class Scheduler:
         return self._closed
 
     # ---- consumer side (the engine's worker) --------------------------------------------------------
-
-    def set_active(self, weights: Hashable) -> None:
-        """Tell the scheduler which weight set is live, so it can prefer batches needing no switch."""
-        with self._cond:
-            self._active = weights
 
     def interrupt(self) -> None:
         """Make the pending (or next) ``next_batch`` return ``None`` at once (the worker has other work)."""
@@ -201,7 +199,7 @@ class Scheduler:
         shape_images: dict[Hashable, int] = {}
         for q in self._queues.values():
             h = q.head
-            merged_images[h.weights, h.shape] = merged_images.get((h.weights, h.shape), 0) + q.images
+            merged_images[h.weight_key, h.shape] = merged_images.get((h.weight_key, h.shape), 0) + q.images
             shape_images[h.shape] = shape_images.get(h.shape, 0) + q.images
 
         def age(key: Hashable) -> float:
@@ -209,11 +207,12 @@ class Scheduler:
 
         def group(key: Hashable) -> int:
             h = self._queues[key].head
-            return merged_images[h.weights, h.shape]
+            return merged_images[h.weight_key, h.shape]
 
         def batchable(key: Hashable) -> int:
             return shape_images[self._queues[key].head.shape] if self.can_mix else group(key)
 
+        live = self.live()
         starving = [k for k in self._queues if age(k) >= self.starvation_s]
         if starving:
             primary = max(starving, key=age)
@@ -222,21 +221,21 @@ class Scheduler:
             if not ready:
                 return None
             primary = max(ready, key=lambda k: (min(group(k), self.max_batch),
-                                                self._queues[k].head.weights == self._active, age(k)))
+                                                self._queues[k].head.weight_key == live, age(k)))
         head = self._queues[primary].head
         mode = self.choose(Candidate(
-            shape=head.shape, weights=head.weights, active=self._active,
+            shape=head.shape, weight_key=head.weight_key, live=live,
             merged_images=min(group(primary), self.max_batch),
             mixed_images=min(shape_images[head.shape], self.max_batch),
         ))
         if mode == "merged":
             keys = [k for k in self._queues
-                    if (self._queues[k].head.weights, self._queues[k].head.shape) == (head.weights, head.shape)]
+                    if (self._queues[k].head.weight_key, self._queues[k].head.shape) == (head.weight_key, head.shape)]
         else:
             keys = [k for k in self._queues if self._queues[k].head.shape == head.shape]
         keys.sort(key=lambda k: (k != primary, -age(k)))
         items = self._take(keys)
-        return Batch(items, mode, head.weights if mode == "merged" else None)
+        return Batch(items, mode, head.weight_key if mode == "merged" else None)
 
     def _take(self, keys: list[Hashable]) -> list[WorkItem]:
         room = self.max_batch

@@ -1,10 +1,11 @@
-"""The inference engine: ONE worker thread owns the model, the weight switcher and every forward pass.
+"""The inference engine: ONE worker thread owns the model, the live weights and every forward pass.
 
-Routes call :meth:`Engine.submit` (async): the request's images, already preprocessed to ``[n, 3, H, W]``
-float32, are split into chunks of at most ``max_batch``, queued per task version, and the returned
-asyncio futures are resolved by the worker through ``loop.call_soon_threadsafe``. Because switching
-(:meth:`WeightSwitcher.activate`) and forwards run only on the worker, strictly one after the other, no
-forward ever sees another task's weights.
+Routes call :meth:`Engine.submit` (async): the task is made resident on the device first (in a loader
+thread, :meth:`Residency.acquire`: never on the worker), then the request's images, already preprocessed
+to ``[n, 3, H, W]`` float32, are split into chunks of at most ``max_batch``, queued per task version, and
+the returned asyncio futures are resolved by the worker through ``loop.call_soon_threadsafe``. Because
+switching (:meth:`Residency.activate`) and forwards run only on the worker, strictly one after the
+other, no forward ever sees another task's weights.
 
 Per batch the worker either makes the batch's weights live (``merged``: one adapter task, or tasks
 without adapters on the base weights) or restores the base and runs ``mixed_batch`` (per-row adapters of
@@ -22,36 +23,39 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from repadapter import AdapterWeights, Backbone, RowFold, WeightSwitcher, mixed_batch
+from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest, RowFold, mixed_batch
+from repadapter.bundle import PackedBundle
 from repadapter.errors import BundleError, RepServeError
 from repadapter.inject import Site
-from repadapter.testing import random_adapters
 
 from .batcher import Batch, Mode, Scheduler, WorkItem
-from .errors import InferenceFailed, InferenceTimeout, NotReady, ShuttingDown
+from .errors import InferenceFailed, InferenceTimeout, NotReady, ShuttingDown, TaskUnavailable
 from .metrics import Metrics
 from .policy import CostModel, chooser
-from .registry import LoadedTask, TaskRegistry
+from .registry import TaskRef
+from .residency import DeviceTask, Residency
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Prediction = tuple[str, float]
+Shape = tuple[int, int, int]
 
 
 @dataclass(eq=False)
 class _Job:
-    """Payload of one queued chunk: the task version it was accepted for and its input rows."""
+    """Payload of one queued chunk: the task version it was accepted for, that task on the device (held
+    here, so evicting it from the device tier cannot pull it from under a queued request), its rows."""
 
-    task: LoadedTask
+    task: TaskRef
+    entry: DeviceTask
     x: Tensor  # [n, 3, H, W] float32, CPU
     top_k: int
     future: asyncio.Future
@@ -71,12 +75,13 @@ class _ChunkResult:
 class Inference:
     """The answer to one :meth:`Engine.submit`: top-k per image, by the task version it was accepted for."""
 
-    task: LoadedTask
+    task: TaskRef
     predictions: list[list[Prediction]]
     queue_s: float  # longest wait of its chunks
     inference_s: float  # summed batch time of its chunks
     batch_sizes: list[int]
     modes: list[Mode]
+    load_s: float  # waiting for the task to be loaded onto the device (0 when it was resident)
 
 
 @dataclass(frozen=True)
@@ -101,25 +106,23 @@ def _resolve(future: asyncio.Future, value: Any) -> None:
 
 
 class Engine:
-    """Owns the backbone, its adapter sites and the switcher; serves batches from the scheduler."""
+    """Owns the backbone's forward passes and the worker; the tasks' tensors and the live weights belong to
+    its :class:`Residency`, whose mutating methods only this worker calls."""
 
-    def __init__(self, backbone: Backbone, sites: list[Site], switcher: WeightSwitcher, registry: TaskRegistry,
-                 *, config: EngineConfig, metrics: Metrics, costs: CostModel | None = None) -> None:
-        self.backbone, self.sites, self.switcher, self.registry = backbone, sites, switcher, registry
+    def __init__(self, backbone: Backbone, sites: list[Site], residency: Residency, *, config: EngineConfig,
+                 metrics: Metrics, costs: CostModel | None = None) -> None:
+        self.backbone, self.sites, self.residency = backbone, sites, residency
         self.config, self.metrics = config, metrics
         self.costs = costs or CostModel()
         self.device, self.dtype = backbone.device, backbone.dtype
         can_mix, choose = chooser(config.policy, self.costs)
         self.scheduler = Scheduler(
             max_batch=config.max_batch, max_delay_s=config.max_delay_s, starvation_s=config.starvation_s,
-            max_queued=config.max_queue_images, choose=choose, can_mix=can_mix,
+            max_queued=config.max_queue_images, choose=choose, can_mix=can_mix, live=lambda: residency.live,
         )
         self._control: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._active: Hashable = None  # weights live now: None = base, else a task key
-        self._active_name: str | None = None
-        self._warmed: set[tuple[int, int, int]] = set()
-        self._folds: OrderedDict[Hashable, dict[str, RowFold]] = OrderedDict()  # task key -> row folds, LRU
+        self._shapes: dict[Shape, BundleError | None] = {}  # input sizes probed: None = the backbone takes it
         self._broken = False  # live weights in an unknown state: never serve again
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -146,7 +149,7 @@ class Engine:
     @property
     def active_task(self) -> str | None:
         """Name of the task whose weights are merged now (``None``: the base weights)."""
-        return self._active_name
+        return self.residency.live_name
 
     def queue_depths(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -157,13 +160,13 @@ class Engine:
     def memory(self) -> dict[str, int]:
         """Bytes held on the serving device, by kind (for ``repserve_device_memory_bytes``)."""
         model = self.backbone.model
+        stats = self.residency.stats()
         out = {
             "backbone": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
-            "pristine": self.switcher.pristine_nbytes,
-            "deltas": self.registry.delta_nbytes(),
-            "heads": self.registry.head_nbytes,
-            "row_folds": sum(t.numel() * t.element_size() for folds in list(self._folds.values())
-                             for f in folds.values() for t in f.tensors()),
+            "pristine": self.residency.switcher.pristine_nbytes,
+            "pinned": self.residency.pinned_nbytes(),
+            "device_tier": stats["device"].nbytes,
+            "live_tier": stats["live"].nbytes,
         }
         if self.device.type == "cuda":
             out["allocated"] = torch.cuda.memory_allocated(self.device)
@@ -186,44 +189,54 @@ class Engine:
             future.cancel()
             raise InferenceTimeout(f"the inference worker did not get to it within {limit} s") from None
 
-    def probe(self, shape: tuple[int, int, int]) -> None:
-        """Refuse (BundleError, 422) an input size the backbone cannot take, e.g. a fixed-size ViT's.
+    def check_shape(self, shape: Shape) -> None:
+        """Refuse (BundleError, 422) an input size the backbone cannot take, e.g. a fixed-size ViT's; each
+        size is probed once, on the worker (with warm-up on: warmed up, which also seeds ``auto``'s costs).
+        Blocking: call it off the event loop and off the worker."""
+        shape = tuple(shape)
+        if shape not in self._shapes:
+            self.call(lambda: self._probe([shape]))
+        error = self._shapes[shape]
+        if error is not None:
+            raise error
 
-        With warm-up on, a new size is warmed up at once (which also seeds its costs for ``auto``).
-        """
-        try:
-            if self.config.warmup:
-                self.call(lambda: self._warmup([shape]))
-            else:
-                self.call(lambda: self._forward(torch.zeros(1, *shape)))
-        except RepServeError:
-            raise
-        except Exception as e:
-            raise BundleError(f"the backbone {self.backbone.arch} cannot take input size {tuple(shape)}: "
-                              f"{type(e).__name__}: {e}") from e
-
-    def warmup(self, shapes: Sequence[tuple[int, int, int]]) -> dict[str, float | None]:
-        """Run every path once per input size not warmed up yet (allocations, kernels) and seed the cost
-        model with the switch, merged and mixed costs measured there."""
-        return self.call(lambda: self._warmup(shapes))
+    def warmup(self, shapes: Sequence[Shape]) -> dict[str, float | None]:
+        """Probe and warm up every input size not seen yet (allocations, kernels), seed the cost model with
+        the switch, merged and mixed costs measured there, and return its estimates. A size the backbone
+        refuses is recorded (its tasks are refused), not raised."""
+        return self.call(lambda: self._probe([tuple(s) for s in shapes]))
 
     # ---- requests (event loop) ----------------------------------------------------------------------
 
-    async def submit(self, task: LoadedTask, x: Tensor, top_k: int) -> Inference:
-        """Queue ``x [n, 3, H, W]`` for ``task`` and wait for the worker's answer.
+    async def submit(self, task: TaskRef, x: Tensor, top_k: int) -> Inference:
+        """Load ``task`` onto the device if needed, queue ``x [n, 3, H, W]`` for it and wait for the answer.
 
-        Raises QueueFull (503) under backpressure, InferenceTimeout (503) after ``request_timeout_s``,
-        InferenceFailed (500) if the batch failed in the engine.
+        Raises QueueFull (503) under backpressure, InferenceTimeout (503) after ``request_timeout_s``
+        (loading included), TaskUnavailable (503) if the task cannot be loaded or its input size is
+        refused, InferenceFailed (500) if the batch failed in the engine.
         """
         if not self.alive:
             raise NotReady("the inference engine is not running")
         loop = asyncio.get_running_loop()
-        jobs = [_Job(task, chunk, top_k, loop.create_future(), loop) for chunk in x.split(self.config.max_batch)]
-        items = [WorkItem(task.key, task.weights, task.shape, j.x.shape[0], j) for j in jobs]
+        deadline = loop.time() + self.config.request_timeout_s
+        if self._shapes.get(tuple(task.shape), True) is not None:  # not known to be fine: probe (once per size)
+            try:
+                await asyncio.to_thread(self.check_shape, task.shape)
+            except BundleError as e:
+                raise TaskUnavailable(f"task {task.name!r}: {e}") from e
+        load_start = loop.time()
+        try:
+            entry = await asyncio.wait_for(self.residency.acquire(task), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise InferenceTimeout(f"task {task.name!r} was not loaded within {self.config.request_timeout_s} s; "
+                                   "the server is overloaded") from None
+        load_s = loop.time() - load_start
+        jobs = [_Job(task, entry, chunk, top_k, loop.create_future(), loop) for chunk in x.split(self.config.max_batch)]
+        items = [WorkItem(task.key, task.weight_key, task.shape, j.x.shape[0], j) for j in jobs]
         self.scheduler.put(items)
         try:
             results: list[_ChunkResult] = await asyncio.wait_for(
-                asyncio.gather(*(j.future for j in jobs)), self.config.request_timeout_s)
+                asyncio.gather(*(j.future for j in jobs)), max(0.0, deadline - loop.time()))
         except TimeoutError:
             raise InferenceTimeout(f"no answer within {self.config.request_timeout_s} s; the server is "
                                    "overloaded") from None
@@ -237,6 +250,7 @@ class Engine:
             inference_s=sum(r.inference_s for r in results),
             batch_sizes=[r.batch_size for r in results],
             modes=[r.mode for r in results],
+            load_s=load_s,
         )
 
     # ---- the worker ---------------------------------------------------------------------------------
@@ -295,7 +309,7 @@ class Engine:
         try:
             with torch.no_grad():
                 if batch.mode == "merged":
-                    self._activate(batch.weights, jobs[0].task)
+                    self._activate(jobs[0].task, jobs[0].entry)
                     forward_start = time.perf_counter()
                     feats = self._forward(torch.cat([j.x for j in jobs]))
                 else:
@@ -303,6 +317,10 @@ class Engine:
                     forward_start = time.perf_counter()
                     feats = self._forward_mixed(jobs)
                 predictions = self._heads(feats, jobs)
+        except RepServeError as e:  # the batch's task cannot be served (its fold failed): its requests only
+            for job in jobs:
+                self._answer(job, e)
+            return
         except Exception as e:
             self.metrics.engine_errors.inc()
             log.exception("batch failed mode=%s size=%d tasks=%s", batch.mode, batch.size,
@@ -312,7 +330,7 @@ class Engine:
             return
         end = time.perf_counter()
         size, tasks = sum(j.x.shape[0] for j in jobs), {j.task.key for j in jobs}
-        if batch.mode == "merged" or any(j.task.adapters for j in jobs):
+        if batch.mode == "merged" or any(j.entry.folds for j in jobs):
             self.costs.observe_batch(batch.mode, jobs[0].task.shape, size, end - forward_start)
         m = self.metrics
         m.inference_duration.labels(mode=batch.mode).observe(end - start)
@@ -330,33 +348,29 @@ class Engine:
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
             job.loop.call_soon_threadsafe(_resolve, job.future, value)
 
-    def _activate(self, weights: Hashable, task: LoadedTask | None) -> None:
-        """Make ``weights`` live (``None``: base) unless they already are; timed and counted."""
-        if weights == self._active:
-            return
-        delta = self.registry.delta(task) if weights is not None and task is not None else None
+    def _activate(self, task: TaskRef | None, entry: DeviceTask | None) -> float | None:
+        """Make ``task``'s weights live (``None``: the base) unless they already are; returns the switch's
+        seconds (``None``: no switch), also timed into the metrics and the cost model."""
         start = time.perf_counter()
         try:
-            self.switcher.activate(delta)
+            switched = self.residency.activate(task, entry)
             self._sync()
         except BaseException:
             self._reset_weights()
             raise
+        if not switched:
+            return None
         seconds = time.perf_counter() - start
-        self._active = weights
-        self._active_name = task.name if weights is not None and task is not None else None
-        self.scheduler.set_active(weights)
         self.metrics.switches.inc()
         self.metrics.switch_duration.observe(seconds)
         self.costs.observe_switch(seconds)
+        return seconds
 
     def _reset_weights(self) -> None:
         """After a failed switch some targets may hold a mix of two tasks: restore EVERY target from the
-        pristine copies."""
+        pristine copies (if even that fails, the worker stops and liveness fails)."""
         self._broken = True
-        self._active, self._active_name = None, None
-        self.scheduler.set_active(None)
-        self.switcher.reset()
+        self.residency.reset()
         self._sync()
         self._broken = False
         log.warning("live weights restored to the base after a failed switch")
@@ -377,25 +391,12 @@ class Engine:
         for job in jobs:
             if job.task.key not in tasks:
                 tasks[job.task.key] = len(adapters)
-                adapters.append(self._row_folds(job.task))
+                adapters.append(job.entry.folds)
             rows += [tasks[job.task.key]] * job.x.shape[0]
         if not any(adapters):
             return self._forward(x)  # only tasks without adapters: the plain base forward
         with mixed_batch(self.sites, adapters, torch.tensor(rows, dtype=torch.long, device=self.device)):
             return self._forward(x)
-
-    def _row_folds(self, task: LoadedTask) -> dict[str, RowFold]:
-        """The task's adapters in the form a mixed batch applies, from an LRU as large as the registry's
-        delta cache (worker-only state: no lock). Folding them per batch costs a fifth of a CNN forward."""
-        folds = self._folds.get(task.key)
-        if folds is not None:
-            self._folds.move_to_end(task.key)
-            return folds
-        folds = {site: RowFold.of(w) for site, w in task.device_adapters.items()}
-        self._folds[task.key] = folds
-        while len(self._folds) > self.registry.delta_cache_size:
-            self._folds.popitem(last=False)
-        return folds
 
     @staticmethod
     def _heads(feats: Tensor, jobs: list[_Job]) -> list[list[list[Prediction]]]:
@@ -403,48 +404,68 @@ class Engine:
         out = []
         offset = 0
         for job in jobs:
-            n, task = job.x.shape[0], job.task
-            logits = torch.addmm(task.head_bias, feats[offset:offset + n], task.head_weight.t())  # [n, C]
+            n, entry, labels = job.x.shape[0], job.entry, job.task.labels
+            logits = torch.addmm(entry.head_bias, feats[offset:offset + n], entry.head_weight.t())  # [n, C]
             offset += n
-            scores, index = logits.float().softmax(dim=-1).topk(min(job.top_k, len(task.labels)), dim=-1)
-            labels = task.labels
+            scores, index = logits.float().softmax(dim=-1).topk(min(job.top_k, len(labels)), dim=-1)
             out.append([[(labels[i], s) for i, s in zip(row_i, row_s, strict=True)]
                         for row_i, row_s in zip(index.tolist(), scores.tolist(), strict=True)])
         return out
 
-    def _warmup(self, shapes: Sequence[tuple[int, int, int]]) -> dict[str, float | None]:
-        shapes = [s for s in dict.fromkeys(tuple(s) for s in shapes) if s not in self._warmed]
-        synthetic = ({k: w.to(self.device) for k, w in random_adapters(self.sites, 0, std=0.01).items()}
-                     if shapes else {})
+    # ---- probes and warm-up (worker) ------------------------------------------------------------------
+
+    def _probe(self, shapes: Sequence[Shape]) -> dict[str, float | None]:
+        """Each new input size: a forward at batch 1 (refused sizes are recorded), then, with warm-up on,
+        the timed paths of :meth:`_warmup_shape`."""
+        new = [s for s in dict.fromkeys(shapes) if s not in self._shapes]
+        synthetic = self._synthetic_task() if new and self.config.warmup else None
         with torch.no_grad():
-            for shape in shapes:
-                self._warmup_shape(shape, synthetic)
-                self._warmed.add(shape)
+            for shape in new:
+                try:
+                    self._activate(None, None)
+                    self._forward(torch.zeros(1, *shape))
+                except Exception as e:
+                    self._shapes[shape] = BundleError(
+                        f"the backbone {self.backbone.arch} cannot take input size {shape}: {type(e).__name__}: {e}")
+                    log.warning("input size refused shape=%s error=%s", shape, e)
+                    continue
+                if synthetic is not None:
+                    self._warmup_shape(shape, synthetic)
+                self._shapes[shape] = None
+        if synthetic is not None:
+            self.residency.forget([synthetic[0]])
         snapshot = self.costs.snapshot()
-        if shapes:
-            log.info("warm-up done shapes=%s costs=%s", shapes, snapshot)
+        if new and self.config.warmup:
+            log.info("warm-up done shapes=%s costs=%s", new, snapshot)
         return snapshot
 
-    def _warmup_shape(self, shape: tuple[int, int, int], synthetic: dict[str, AdapterWeights]) -> None:
-        """Base forwards at batch 1 (allocations, kernel choice) and n; with adapter sites also a switch
-        there and back and a mixed forward, each timed into the cost model."""
+    def _synthetic_task(self) -> tuple[TaskRef, DeviceTask] | None:
+        """A task with adapters on every site (zeros: the cost of an adapter does not depend on its values),
+        built and folded through the residency like a served one, for timing; ``None`` without sites."""
+        if not self.sites:
+            return None
+        bb, hidden = self.backbone, 8
+        manifest = Manifest(name="warmup", labels=["warmup"], adapter=AdapterConfig(hidden=hidden, groups=1),
+                            backbone=BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint), preprocess=bb.preprocess)
+        tensors = {"head.weight": torch.zeros(1, bb.num_features), "head.bias": torch.zeros(1)}
+        for site in self.sites:
+            for param, shape in (("weight_a", (hidden, site.dim)), ("bias_a", (hidden,)),
+                                 ("weight_b", (site.dim, hidden)), ("bias_b", (site.dim,))):
+                tensors[f"adapter.{site.name}.{param}"] = torch.zeros(shape)
+        task = TaskRef(manifest)
+        return task, self.residency.build(PackedBundle.from_tensors(manifest, tensors), fold=True)
+
+    def _warmup_shape(self, shape: Shape, synthetic: tuple[TaskRef, DeviceTask]) -> None:
+        """Base forwards at batch n (allocations, kernel choice); a switch there and back and a mixed
+        forward, each timed into the cost model."""
         n = max(1, min(self.config.max_batch, 4))
-        self._activate(None, None)
-        self._forward(torch.zeros(1, *shape))
         x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
         self.costs.observe_batch("merged", shape, n, _timed(lambda: self._forward(x), self._sync))
-        if not synthetic:
-            return
-        delta = self.switcher.prepare("warmup", synthetic)
-        try:
-            self.costs.observe_switch(_timed(lambda: self.switcher.activate(delta), self._sync))
-            self.costs.observe_switch(_timed(lambda: self.switcher.activate(None), self._sync))
-        except BaseException:
-            self._reset_weights()
-            raise
+        task, entry = synthetic
+        self._activate(task, entry)
+        self._activate(None, None)
         rows = torch.arange(n, device=self.device) % 2
-        folds = {site: RowFold.of(w.to(self.device, self.dtype)) for site, w in synthetic.items()}  # as served
-        with mixed_batch(self.sites, [folds, {}], rows):
+        with mixed_batch(self.sites, [entry.folds, {}], rows):
             self._forward(x)
             self.costs.observe_batch("mixed", shape, n, _timed(lambda: self._forward(x), self._sync))
 

@@ -6,6 +6,7 @@ later); the only 500 is a failure inside the engine, which no input can cause.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from repadapter.errors import RepServeError
@@ -72,6 +73,18 @@ class ShuttingDown(RepServeError):
     code = "shutting_down"
     status_code = 503
     headers: ClassVar[dict[str, str]] = RETRY
+
+
+class TaskUnavailable(RepServeError):
+    """A listed task cannot be served: its stored bundle failed its checks when first loaded (until the store
+    holds a new version of it), or the store could not be read (then with ``Retry-After``)."""
+
+    code = "task_unavailable"
+    status_code = 503
+
+    def __init__(self, detail: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.headers = {} if retry_after_s is None else {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
 
 
 class InferenceFailed(RepServeError):

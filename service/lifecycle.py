@@ -1,20 +1,24 @@
-"""Building, starting and stopping the long-lived parts of one replica (backbone, registry, engine).
+"""Building, starting and stopping the long-lived parts of one replica, and the operations that span them.
 
 Start-up has two phases, so a replica is *live* quickly and *ready* only when it can answer:
 
 1. :class:`Runtime` construction (in the app's lifespan, before serving): settings -> backbone on its
-   device and dtype, adapter sites, switcher, store, registry, engine. A misconfiguration (missing
-   checkpoint, CUDA asked but absent) fails here and the process exits with the error.
-2. :meth:`Runtime.initialize` (a background thread): start the engine's worker, load the store's tasks,
-   warm up every input size; then ``ready`` is set (``/readyz`` turns 200).
+   device and dtype, adapter sites, store, validator, registry, residency (with the switcher), engine. A
+   misconfiguration (missing checkpoint, CUDA asked but absent) fails here and the process exits with it.
+2. :meth:`Runtime.initialize` (a background thread): start the engine's worker, read the store's catalog
+   and manifests (no tensors: tasks load on first use), warm up every input size; then ``ready`` is set.
 
-Afterwards :meth:`Runtime.poll_store` re-scans the store every ``store_poll_s`` seconds and on SIGHUP.
+Afterwards :meth:`Runtime.poll_store` re-reads the catalog every ``store_poll_s`` seconds (two ``stat``
+calls while nothing changed) and walks the store on SIGHUP. Registering and deleting a task touch the
+registry (names, versions, the store) and the residency (tensors), in that order; the runtime does both,
+so neither calls the other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 
@@ -22,14 +26,17 @@ import anyio
 import torch
 
 from repadapter import LocalStore, WeightSwitcher, attach_slots, load_backbone
+from repadapter.bundle import PackedBundle
 from repadapter.errors import UnsupportedBackbone
 from repadapter.inject import Site
 
 from . import __version__
 from .engine import Engine, EngineConfig
 from .metrics import Metrics, StateSource
-from .registry import TaskRegistry
+from .registry import SyncReport, TaskRef, TaskRegistry, builtin_bundle
+from .residency import Residency, ResidencyConfig
 from .settings import Settings
+from .validation import TaskValidator
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +57,38 @@ class Runtime:
         self.backbone = load_backbone(settings.backbone, settings.checkpoint, device=device,
                                       dtype=settings.torch_dtype, seed=settings.seed, **settings.backbone_options)
         self.sites = _attach(self.backbone.model, self.backbone.arch)
-        self.switcher = WeightSwitcher(self.sites, hot_cache=settings.hot_cache_size, pack=True)
         self.store = LocalStore(settings.store)
-        self.registry = TaskRegistry(
-            self.store, self.backbone, self.sites, self.switcher.prepare, metrics=metrics,
-            delta_cache_size=settings.delta_cache_size, builtin_task=settings.builtin_task,
+        validator = TaskValidator(self.backbone, self.sites)
+        builtin = builtin_bundle(settings.builtin_task, self.backbone) if settings.builtin_task else None
+        self.registry = TaskRegistry(self.store, validator, metrics=metrics, builtin=builtin)
+        self.residency = Residency(
+            self.store, validator, WeightSwitcher(self.sites, pack=True), device=self.backbone.device,
+            dtype=self.backbone.dtype, metrics=metrics,
+            config=ResidencyConfig(host_bytes=settings.host_cache_bytes, device_bytes=settings.device_cache_bytes,
+                                   live_bytes=settings.live_cache_bytes, loader_threads=settings.loader_threads,
+                                   eager_fold=settings.policy == "merged"),
         )
+        for task in self.registry.tasks():
+            if task.builtin:
+                self.residency.pin(task)
         self.engine = Engine(
-            self.backbone, self.sites, self.switcher, self.registry, metrics=metrics,
+            self.backbone, self.sites, self.residency, metrics=metrics,
             config=EngineConfig(
                 policy=settings.policy, max_batch=settings.max_batch, max_delay_s=settings.max_delay_ms / 1000,
                 starvation_s=settings.starvation_ms / 1000, max_queue_images=settings.max_queue_images,
                 request_timeout_s=settings.request_timeout_s, warmup=settings.warmup,
             ),
         )
-        self.registry.set_probe(self.engine.probe)
         self.ready = threading.Event()
         self.failure: str | None = None
         self._rescan: asyncio.Event | None = None
+        self._walk = False
         metrics.add_state(StateSource(
             queue_depths=self.engine.queue_depths,
-            tasks=lambda: [t.name for t in self.registry.tasks()],
+            task_count=lambda: len(self.registry),
             active_task=lambda: self.engine.active_task,
             memory=self.engine.memory,
+            caches=self.residency.stats,
             ready=self.ready.is_set,
         ))
         metrics.build_info.info({
@@ -85,6 +101,33 @@ class Runtime:
                  self.backbone.arch, self.backbone.fingerprint[:12], self.backbone.device, settings.dtype,
                  len(self.sites), self.store.root)
 
+    # ---- operations on tasks (any thread but the event loop's and the worker's) -----------------------
+
+    def sync(self, *, rescan: bool = False) -> SyncReport:
+        """Re-read the store (``rescan``: walk it) and drop the cached state of versions no longer served."""
+        report = self.registry.sync(rescan=rescan)
+        self.residency.forget(report.stale)
+        return report
+
+    def register(self, packed: PackedBundle, *, overwrite: bool = False) -> TaskRef:
+        """Validate a bundle completely (tensors, input size on the engine, the fold into the base weights),
+        write it to the store as the task's next version and serve it at once, already resident."""
+        self.registry.validator.check_bundle(packed)
+        self.engine.check_shape(packed.manifest.preprocess.input_size)
+        entry = self.residency.build(packed, fold=True)
+        task, replaced = self.registry.register(packed, overwrite=overwrite)
+        self.residency.admit(task, PackedBundle(task.manifest, packed.buffer, packed.layout), entry)
+        if replaced is not None and not replaced.builtin:
+            self.residency.forget([replaced])
+        return task
+
+    def delete(self, name: str) -> TaskRef | None:
+        """Delete a task from the store and stop serving it (queued requests still finish)."""
+        deleted = self.registry.delete(name)
+        if deleted is not None:
+            self.residency.forget([deleted])
+        return deleted
+
     # ---- start-up and shutdown ----------------------------------------------------------------------
 
     def initialize(self) -> None:
@@ -92,13 +135,11 @@ class Runtime:
         in ``failure`` (``/healthz`` reports them, so the orchestrator restarts the replica)."""
         try:
             self.engine.start()
-            report = self.registry.sync()
-            tasks = self.registry.tasks()
-            if self.settings.warmup:
-                shapes = [self.backbone.preprocess.input_size, *(t.shape for t in tasks)]
-                self.engine.warmup(shapes)
+            report = self.sync(rescan=True)
+            shapes = dict.fromkeys([self.backbone.preprocess.input_size, *(t.shape for t in self.registry.tasks())])
+            self.engine.warmup(list(shapes))
             self.ready.set()
-            log.info("ready tasks=%d failed=%s", len(tasks), report.failed)
+            log.info("ready tasks=%d failed=%s input_sizes=%d", len(self.registry), report.failed[:20], len(shapes))
         except Exception as e:
             self.failure = f"{type(e).__name__}: {e}"
             log.exception("start-up failed")
@@ -111,6 +152,7 @@ class Runtime:
     def close(self) -> None:
         self.ready.clear()
         self.engine.stop()
+        self.residency.close()
         if self.settings.torch_threads:
             torch.set_num_threads(self._threads_before)
 
@@ -126,20 +168,24 @@ class Runtime:
     # ---- store re-scans -----------------------------------------------------------------------------
 
     def request_rescan(self) -> None:
-        """Ask for a store re-scan now (SIGHUP handler; call on the event loop's thread)."""
+        """Ask for a store walk now (SIGHUP handler; call on the event loop's thread): it also finds changes
+        made by hand, which the catalog does not record."""
+        self._walk = True
         if self._rescan is not None:
             self._rescan.set()
 
     async def poll_store(self) -> None:
-        """Re-scan the store every ``store_poll_s`` seconds (0: only on request) once ready; runs forever."""
+        """Re-read the store's catalog every ``store_poll_s`` seconds (0: only on request) once ready; runs
+        forever."""
         self._rescan = asyncio.Event()
         interval = self.settings.store_poll_s or None
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._rescan.wait(), interval)
             self._rescan.clear()
+            walk, self._walk = self._walk, False
             if self.ready.is_set():
-                await anyio.to_thread.run_sync(self.registry.sync)
+                await anyio.to_thread.run_sync(functools.partial(self.sync, rescan=walk))
 
 
 def _attach(model: object, arch: str) -> list[Site]:

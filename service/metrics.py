@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from .lru import CacheStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SWITCH_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -59,6 +61,12 @@ class Metrics:
             ["reason"], registry=r)
         self.store_last_scan = Gauge(
             "repserve_store_last_scan_timestamp_seconds", "Unix time of the last completed store scan.", registry=r)
+        self.task_loads = Counter(
+            "repserve_task_loads_total", "Task loads into a residency tier (`host`: read and verified from the "
+            "store; `device`: moved to the serving device).", ["tier"], registry=r)
+        self.task_load_duration = Histogram(
+            "repserve_task_load_duration_seconds", "Duration of one task load into a tier (the cold-task cost).",
+            ["tier"], buckets=LATENCY_BUCKETS, registry=r)
         self.engine_errors = Counter(
             "repserve_engine_errors_total", "Batches that failed inside the engine (answered with 500).", registry=r)
 
@@ -71,9 +79,10 @@ class StateSource:
     """Callables the scrape-time gauges read (wired by :mod:`service.lifecycle`)."""
 
     queue_depths: Callable[[], dict[str, int]]
-    tasks: Callable[[], list[str]]
+    task_count: Callable[[], int]
     active_task: Callable[[], str | None]
     memory: Callable[[], dict[str, int]]
+    caches: Callable[[], dict[str, CacheStats]]
     ready: Callable[[], bool]
 
 
@@ -92,20 +101,33 @@ class StateCollector(Collector):
         for task, n in sorted(s.queue_depths().items()):
             depth.add_metric([task], n)
         yield depth
-        tasks = s.tasks()
-        yield GaugeMetricFamily("repserve_tasks_loaded", "Tasks served by this replica.", value=len(tasks))
+        yield GaugeMetricFamily("repserve_tasks_loaded", "Tasks served by this replica (listed; their tensors "
+                                "load on first use).", value=s.task_count())
         active = GaugeMetricFamily(
-            "repserve_active_task", "1 for the task whose weights are merged into the backbone now "
-            "(`base`: none), 0 for the other served tasks.", labels=["task"])
-        live = s.active_task() or "base"
-        for name in sorted({*tasks, "base", live}):
-            active.add_metric([name], 1.0 if name == live else 0.0)
+            "repserve_active_task", "1 for the task whose weights are merged into the backbone now (`base`: "
+            "none); one series, so thousands of tasks do not mean thousands of series.", labels=["task"])
+        active.add_metric([s.active_task() or "base"], 1.0)
         yield active
         memory = GaugeMetricFamily(
             "repserve_device_memory_bytes", "Memory on the serving device by kind (backbone, pristine copies, "
-            "cached deltas, row folds, heads; allocated/reserved from the CUDA allocator).", labels=["kind"])
+            "pinned tasks, the device and live tiers; allocated/reserved from the CUDA allocator).", labels=["kind"])
         for kind, n in sorted(s.memory().items()):
             memory.add_metric([kind], n)
         yield memory
+        caches = s.caches()
+        for name, what, field, family in (
+            ("repserve_task_cache_hits", "Lookups that found the task in the tier", "hits", CounterMetricFamily),
+            ("repserve_task_cache_misses", "Lookups that did not", "misses", CounterMetricFamily),
+            ("repserve_task_cache_evictions", "Tasks evicted to stay within the tier's bytes", "evictions",
+             CounterMetricFamily),
+            ("repserve_task_cache_bytes", "Bytes held by the tier", "nbytes", GaugeMetricFamily),
+            ("repserve_task_cache_capacity_bytes", "The tier's bound in bytes (its setting)", "capacity",
+             GaugeMetricFamily),
+            ("repserve_task_cache_entries", "Tasks held by the tier", "entries", GaugeMetricFamily),
+        ):
+            metric = family(name, f"{what}, by residency tier (host, device, live).", labels=["tier"])
+            for tier, stats in caches.items():
+                metric.add_metric([tier], getattr(stats, field))
+            yield metric
         yield GaugeMetricFamily("repserve_ready", "1 once tasks are loaded and warm-up is done.",
                                 value=1.0 if s.ready() else 0.0)

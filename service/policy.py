@@ -110,8 +110,8 @@ class CostModel:
         t_mixed = self._estimate("mixed", c.shape, c.mixed_images)
         if t_merged is None or t_mixed is None or self.switch_s is None:
             return "merged"
-        merged_s = (self.switch_s if c.weights != c.active else 0.0) + c.merged_images * t_merged
-        mixed_s = (self.switch_s if c.active is not None else 0.0) + c.mixed_images * t_mixed
+        merged_s = (self.switch_s if c.weight_key != c.live else 0.0) + c.merged_images * t_merged
+        mixed_s = (self.switch_s if c.live is not None else 0.0) + c.mixed_images * t_mixed
         return "mixed" if c.mixed_images * merged_s > c.merged_images * mixed_s else "merged"
 
     def snapshot(self) -> dict[str, float | None]:

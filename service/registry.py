@@ -1,68 +1,59 @@
-"""The task registry: which task versions are served, kept in step with the store.
+"""The task registry: which task versions this replica serves, by name, kept in step with the store's catalog.
 
-A :class:`LoadedTask` is immutable and bound to one task version; a request holds a reference to the one
-current when it was accepted, so replacing or deleting a task never changes what a queued request is
-answered with (it is answered by the version it was accepted for; the response names that version).
+It holds manifests only. A :class:`TaskRef` is immutable and bound to one stored task version; a request
+holds the one current when it was accepted, so replacing or deleting a task never changes what a queued
+request is answered with (the response names that version). The tensors of a task are the residency's
+(:mod:`service.residency`): loaded on first use, kept in byte-bounded tiers, dropped when cold.
 
-Every bundle is validated before anything changes: backbone fingerprint and architecture, adapter sites
-and shapes, labels vs head, finite values (also after casting to the serving dtype), the fold into the
-base weights (:meth:`WeightSwitcher.prepare`), and that the backbone accepts the task's input size. Only
-then is it written to the store (atomically, by :class:`LocalStore`) and published.
+Scans are change-based: :meth:`LocalStore.catalog` costs two ``stat`` calls while the store is unchanged,
+and on a change only the manifests of new or changed entries are read and checked
+(:meth:`TaskValidator.check_manifest`). A manifest that fails is logged and counted
+(``repserve_store_errors_total``) once per stored version, and the previously served version keeps being
+served. Registration validates the tensors completely before anything is written (the caller,
+:class:`service.lifecycle.Runtime`, also probes the input size on the engine and folds the adapters).
 
 Thread-safety: readers (``get``, ``tasks``) see an immutable snapshot dict, replaced wholesale by writers;
-writers (``register``, ``delete``, ``sync``) serialise on one lock, so a store scan never interleaves with
-a registration. ``prepare`` only reads the switcher's pristine copies, which never change after the
-switcher is built, so deltas are computed here, off the worker; activating them stays with the worker.
+writers (``register``, ``delete``, ``sync``) serialise on one lock, so a scan never interleaves with a
+registration.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
-
-from repadapter import AdapterWeights, Backbone, LocalStore, Manifest, TaskBundle, TaskDelta
-from repadapter.bundle import AdapterConfig, BackboneRef
+from repadapter import AdapterConfig, Backbone, BackboneRef, LocalStore, Manifest
+from repadapter.bundle import PackedBundle, parse_manifest
 from repadapter.errors import BundleError, RepServeError, TaskExists, TaskNotFound
-from repadapter.inject import Site
+from repadapter.store import Catalog
 
 from .errors import BuiltinTask
 from .metrics import Metrics
+from .validation import TaskValidator
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SIDE = 4096
-"""Largest input height/width a task may declare (a bound on per-image memory)."""
-
-Prepare = Callable[[str, dict[str, AdapterWeights]], TaskDelta]
-Probe = Callable[[tuple[int, int, int]], None]
-
+TaskKey = tuple[str, int, int]
+"""``(name, version, serial)``: identifies one served task version in queues and residency tiers."""
 
 _serials = itertools.count(1)
 
 
 @dataclass(frozen=True, eq=False)
-class LoadedTask:
-    """One served task version. ``adapters`` stay float32 (folds are computed from them);
-    ``device_adapters`` and the head are on the serving device in the serving dtype.
+class TaskRef:
+    """One served task version, by its manifest. ``inline`` holds the tensors of a task served from memory
+    instead of the store (the backbone's own classifier).
 
-    ``serial`` is unique per loaded object: a task deleted and registered again restarts at version 1,
-    so ``(name, version)`` alone could let queued requests of the old one share weights with the new one.
+    ``serial`` is unique per object: a task deleted and registered again restarts at version 1, so
+    ``(name, version)`` alone could let queued requests of the old one share cached state with the new one.
     """
 
     manifest: Manifest
-    adapters: dict[str, AdapterWeights]
-    device_adapters: dict[str, AdapterWeights]
-    head_weight: Tensor  # [C, F]
-    head_bias: Tensor  # [C]
-    builtin: bool = False
+    etag: str = ""
+    inline: PackedBundle | None = None
     serial: int = field(default_factory=lambda: next(_serials))
 
     @property
@@ -74,9 +65,12 @@ class LoadedTask:
         return self.manifest.version
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        """Identity for queues, weight sets and the delta cache."""
+    def key(self) -> TaskKey:
         return self.name, self.version, self.serial
+
+    @property
+    def builtin(self) -> bool:
+        return self.inline is not None
 
     @property
     def labels(self) -> list[str]:
@@ -87,102 +81,78 @@ class LoadedTask:
         return self.manifest.preprocess.input_size
 
     @property
-    def weights(self) -> tuple[str, int, int] | None:
-        """The weight set a merged forward needs: ``None`` (the base weights) for tasks without adapters."""
-        return self.key if self.adapters else None
-
-    @property
-    def delta_name(self) -> str:
-        return f"{self.name}@v{self.version}"
+    def weight_key(self) -> Hashable:
+        """The weight set a merged forward needs: ``None`` (the base weights) for a task without adapters
+        (the manifest says so, and loading checks that the tensors agree), else the task's own key."""
+        return self.key if self.manifest.adapter.hidden else None
 
 
 @dataclass
 class SyncReport:
-    """What one store scan changed."""
+    """What one store scan changed. ``stale``: versions no longer served (replaced or removed), whose
+    cached tensors can go."""
 
     added: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    stale: list[TaskRef] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.replaced or self.removed)
 
 
 class TaskRegistry:
-    """Task name -> :class:`LoadedTask`, backed by a :class:`LocalStore`, plus an LRU of task deltas."""
+    """Task name -> :class:`TaskRef`, backed by a :class:`LocalStore`; the backbone's own classifier, when
+    given as ``builtin``, is served under its name unless the store holds a task of that name."""
 
-    def __init__(self, store: LocalStore, backbone: Backbone, sites: list[Site], prepare: Prepare, *,
-                 metrics: Metrics, delta_cache_size: int = 32, builtin_task: str = "",
-                 probe: Probe | None = None) -> None:
-        self.store, self.backbone, self.sites = store, backbone, sites
-        self._prepare, self._probe, self.metrics = prepare, probe, metrics
-        self.device, self.dtype = backbone.device, backbone.dtype
-        self._tasks: dict[str, LoadedTask] = {}
+    def __init__(self, store: LocalStore, validator: TaskValidator, *, metrics: Metrics,
+                 builtin: PackedBundle | None = None) -> None:
+        self.store, self.validator, self.metrics = store, validator, metrics
+        self._builtin = TaskRef(builtin.manifest, inline=builtin) if builtin is not None else None
+        self._tasks: dict[str, TaskRef] = {self._builtin.name: self._builtin} if self._builtin else {}
+        self._catalog: Catalog | None = None
+        self._failed: set[tuple[str, str]] = set()  # (name, etag) of stored versions whose manifest failed
         self._write = threading.Lock()
-        self._deltas: OrderedDict[tuple[str, int, int], TaskDelta] = OrderedDict()
-        self._delta_lock = threading.Lock()
-        self.delta_cache_size = delta_cache_size
-        self._probed: set[tuple[int, int, int]] = set()
-        self._failed: set[tuple[str, int, float]] = set()
-        self._builtin = self._builtin_task(builtin_task) if builtin_task else None
-        if self._builtin is not None:
-            self._tasks = {self._builtin.name: self._builtin}
-
-    def set_probe(self, probe: Probe | None) -> None:
-        """Install the engine's input-size probe (the engine is built after the registry)."""
-        self._probe = probe
 
     # ---- reading (any thread) -----------------------------------------------------------------------
 
-    def get(self, name: str) -> LoadedTask:
+    def get(self, name: str) -> TaskRef:
         task = self._tasks.get(name)
         if task is None:
-            raise TaskNotFound(f"no task {name!r}; served tasks: {sorted(self._tasks)[:20]}")
+            raise TaskNotFound(f"no task {name!r}; served tasks: {len(self._tasks)} (GET /tasks lists them)")
         return task
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks
 
-    def tasks(self) -> list[LoadedTask]:
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def tasks(self) -> list[TaskRef]:
         return sorted(self._tasks.values(), key=lambda t: t.name)
-
-    def delta(self, task: LoadedTask) -> TaskDelta | None:
-        """The task's precomputed fold (``None`` for tasks without adapters), from the LRU or computed."""
-        if not task.adapters:
-            return None
-        with self._delta_lock:
-            delta = self._deltas.get(task.key)
-            if delta is not None:
-                self._deltas.move_to_end(task.key)
-                return delta
-        delta = self._fold(task.delta_name, task.adapters)
-        self._cache(task.key, delta)
-        return delta
-
-    def delta_nbytes(self) -> int:
-        with self._delta_lock:
-            return sum(d.nbytes() for d in self._deltas.values())
 
     # ---- writing ------------------------------------------------------------------------------------
 
-    def register(self, bundle: TaskBundle, *, overwrite: bool = False) -> LoadedTask:
-        """Validate ``bundle``, write it to the store as the task's next version, and serve it at once."""
-        delta = self._validate(bundle)
+    def register(self, packed: PackedBundle, *, overwrite: bool = False) -> tuple[TaskRef, TaskRef | None]:
+        """Write an already validated bundle to the store as the task's next version and serve it at once;
+        returns the new version and the one it replaced (``None`` if new)."""
         with self._write:
-            current = self._tasks.get(bundle.name)
+            current = self._tasks.get(packed.name)
             if current is not None and not overwrite:
-                raise TaskExists(f"task {bundle.name!r} is served (version {current.version}); "
+                raise TaskExists(f"task {packed.name!r} is served (version {current.version}); "
                                  "pass overwrite=true to replace it")
-            bundle.manifest = self.store.put(bundle, overwrite=overwrite)
-            task = self._materialize(bundle)
-            self._publish(task)
-        if delta is not None:
-            self._cache(task.key, dataclasses.replace(delta, name=task.delta_name))
-        log.info("registered task=%s version=%d adapters=%d", task.name, task.version, len(task.adapters))
-        return task
+            manifest = self.store.put(packed.unpack(), overwrite=overwrite)
+            task = TaskRef(manifest, self.store.entry(manifest.name, manifest.version).etag)
+            self._tasks = {**self._tasks, task.name: task}
+        log.info("registered task=%s version=%d", task.name, task.version)
+        return task, current
 
-    def delete(self, name: str) -> LoadedTask | None:
+    def delete(self, name: str) -> TaskRef | None:
         """Remove a task from the store and stop serving it; returns the version that was served.
 
-        Requests already accepted keep their :class:`LoadedTask` and are still answered by it.
+        Requests already accepted keep their :class:`TaskRef` and are still answered by it.
         """
         with self._write:
             current = self._tasks.get(name)
@@ -194,141 +164,89 @@ class TaskRegistry:
                 if current is None:
                     raise
                 # already gone from the store (another replica deleted it): stop serving it too
-            self._unpublish(name)
+            tasks = dict(self._tasks)
+            self._drop(tasks, name)
+            self._tasks = tasks
         log.info("deleted task=%s version=%s", name, current.version if current else None)
         return current
 
-    def sync(self) -> SyncReport:
-        """Re-scan the store: load new or changed versions, drop tasks that disappeared.
-
-        A stored version that fails validation is logged and counted (``repserve_store_errors_total``)
-        once, and the previously served version (if any) keeps being served.
-        """
+    def sync(self, *, rescan: bool = False) -> SyncReport:
+        """Bring the served versions in line with the store's catalog (``rescan``: walk the directories,
+        for changes made by hand). Reads the manifests of new or changed entries only."""
         report = SyncReport()
         with self._write:
             try:
-                entries = self.store.list()
+                catalog = self.store.catalog(rescan=rescan)
             except (OSError, RepServeError) as e:
                 self.metrics.store_errors.labels(reason="scan").inc()
                 log.error("store scan failed store=%s error=%s", self.store.root, e)
                 return report
-            seen = set()
-            for entry in entries:
-                seen.add(entry.name)
-                current = self._tasks.get(entry.name)
-                if current is not None and not current.builtin and current.version == entry.version:
-                    continue
-                marker = (entry.name, entry.version, entry.mtime)
-                if marker in self._failed:
-                    continue
-                try:
-                    bundle = self.store.get(entry.name, entry.version)
-                    delta = self._validate(bundle)
-                    task = self._materialize(bundle)
-                except TaskNotFound:
-                    continue  # deleted between listing and reading
-                except (OSError, RepServeError) as e:
-                    if isinstance(e, RepServeError) and e.status_code < 500:
-                        self._failed.add(marker)  # a bad bundle stays bad: not retried every scan (I/O is)
-                    reason = e.code if isinstance(e, RepServeError) else "io"
-                    self.metrics.store_errors.labels(reason=reason).inc()
-                    log.warning("store task rejected task=%s version=%d reason=%s detail=%s",
-                                entry.name, entry.version, reason, e)
-                    report.failed.append(entry.name)
-                    continue
-                self._publish(task)
-                if delta is not None:
-                    self._cache(task.key, dataclasses.replace(delta, name=task.delta_name))
-                (report.added if current is None or current.builtin else report.replaced).append(entry.name)
-            for name, task in list(self._tasks.items()):
-                if not task.builtin and name not in seen:
-                    self._unpublish(name)
-                    report.removed.append(name)
+            if catalog is not self._catalog:
+                self._apply(catalog, report)
+                self._catalog = catalog
         self.metrics.store_last_scan.set_to_current_time()
-        if report.added or report.replaced or report.removed:
-            log.info("store synced added=%s replaced=%s removed=%s failed=%s",
-                     report.added, report.replaced, report.removed, report.failed)
+        if report.changed or report.failed:
+            log.info("store synced added=%d replaced=%d removed=%d failed=%s tasks=%d", len(report.added),
+                     len(report.replaced), len(report.removed), report.failed[:20], len(self._tasks))
         return report
 
-    # ---- internals ----------------------------------------------------------------------------------
+    # ---- internals (write lock held) ------------------------------------------------------------------
 
-    def _builtin_task(self, name: str) -> LoadedTask | None:
-        bb = self.backbone
-        if bb.classifier is None:
-            return None
-        weight, bias = bb.classifier
-        labels = bb.labels or [f"class_{i}" for i in range(weight.shape[0])]
-        manifest = Manifest(
-            name=name, version=0, labels=labels, method="pretrained", adapter=AdapterConfig(hidden=0),
-            backbone=BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint), preprocess=bb.preprocess,
-            description=f"the {bb.arch} backbone's own classifier",
-        )
-        return self._materialize(TaskBundle(manifest, {}, weight, bias), builtin=True)
-
-    def _validate(self, bundle: TaskBundle) -> TaskDelta | None:
-        """Every check a bundle must pass before it changes anything; returns its fold (or ``None``)."""
-        bundle.check_compatible(self.backbone.arch, self.backbone.fingerprint, self.sites,
-                                self.backbone.num_features)
-        c, h, w = bundle.manifest.preprocess.input_size
-        if c != 3 or not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
-            raise BundleError(f"task {bundle.name!r}: input size {(c, h, w)} must be 3 channels and "
-                              f"1..{MAX_INPUT_SIDE} px per side")
-        for what, t in (("head.weight", bundle.head_weight), ("head.bias", bundle.head_bias)):
-            if not torch.isfinite(t.to(self.dtype)).all():
-                raise BundleError(f"task {bundle.name!r}: {what} overflows the serving dtype {self.dtype}")
-        for site, aw in bundle.adapters.items():
-            if not all(torch.isfinite(t.to(self.dtype)).all() for t in aw.tensors().values()):
-                raise BundleError(f"task {bundle.name!r}: adapter {site} overflows the serving dtype {self.dtype}")
-        self._check_input_size(bundle.manifest.preprocess.input_size)
-        return self._fold(bundle.name, bundle.adapters) if bundle.adapters else None
-
-    def _check_input_size(self, shape: tuple[int, int, int]) -> None:
-        if self._probe is None or shape in self._probed:
-            return
-        self._probe(shape)
-        self._probed.add(shape)
-
-    def _fold(self, name: str, adapters: dict[str, AdapterWeights]) -> TaskDelta:
-        on_device = {site: w.to(device=self.device, dtype=torch.float32) for site, w in adapters.items()}
-        return self._prepare(name, on_device)
-
-    def _materialize(self, bundle: TaskBundle, *, builtin: bool = False) -> LoadedTask:
-        adapters = {site: w.to(dtype=torch.float32) for site, w in bundle.adapters.items()}
-        return LoadedTask(
-            manifest=bundle.manifest,
-            adapters=adapters,
-            device_adapters={site: w.to(self.device, self.dtype) for site, w in adapters.items()},
-            head_weight=bundle.head_weight.to(self.device, self.dtype),
-            head_bias=bundle.head_bias.to(self.device, self.dtype),
-            builtin=builtin,
-        )
-
-    def _publish(self, task: LoadedTask) -> None:
-        old = self._tasks.get(task.name)
-        self._tasks = {**self._tasks, task.name: task}
-        if old is not None and old.key != task.key:
-            self._evict(old.key)
-
-    def _unpublish(self, name: str) -> None:
+    def _apply(self, catalog: Catalog, report: SyncReport) -> None:
         tasks = dict(self._tasks)
-        old = tasks.pop(name, None)
-        if self._builtin is not None and name == self._builtin.name:
-            tasks[name] = self._builtin  # the stored override is gone: the backbone's own head again
+        for name, entry in catalog.entries.items():
+            current = tasks.get(name)
+            if current is not None and not current.builtin and current.etag == entry.etag:
+                continue
+            if (name, entry.etag) in self._failed:
+                continue
+            try:
+                manifest = parse_manifest(self.store.manifest_bytes(name, entry.version))
+                if (manifest.name, manifest.version) != (name, entry.version):
+                    raise BundleError(f"the manifest stored as {name!r} version {entry.version} names "
+                                      f"{manifest.name!r} version {manifest.version}")
+                self.validator.check_manifest(manifest)
+            except TaskNotFound:
+                continue  # deleted between listing and reading
+            except (OSError, RepServeError) as e:
+                if isinstance(e, RepServeError) and e.status_code < 500:
+                    self._failed.add((name, entry.etag))  # a bad manifest stays bad: not retried (I/O is)
+                reason = e.code if isinstance(e, RepServeError) else "io"
+                self.metrics.store_errors.labels(reason=reason).inc()
+                log.warning("store task rejected task=%s version=%d reason=%s detail=%s",
+                            name, entry.version, reason, e)
+                report.failed.append(name)
+                continue
+            tasks[name] = TaskRef(manifest, entry.etag)
+            if current is None or current.builtin:
+                report.added.append(name)
+            else:
+                report.replaced.append(name)
+                report.stale.append(current)
+        for name, task in list(tasks.items()):
+            if not task.builtin and name not in catalog.entries:
+                report.removed.append(name)
+                report.stale.append(task)
+                self._drop(tasks, name)
         self._tasks = tasks
-        if old is not None and not old.builtin:
-            self._evict(old.key)
+        self._failed = {(n, e) for n, e in self._failed if n in catalog.entries and catalog.entries[n].etag == e}
 
-    def _cache(self, key: tuple[str, int, int], delta: TaskDelta) -> None:
-        with self._delta_lock:
-            self._deltas[key] = delta
-            self._deltas.move_to_end(key)
-            while len(self._deltas) > self.delta_cache_size:
-                self._deltas.popitem(last=False)
+    def _drop(self, tasks: dict[str, TaskRef], name: str) -> None:
+        """Stop serving ``name`` in ``tasks``; the backbone's own classifier comes back under its name."""
+        tasks.pop(name, None)
+        if self._builtin is not None and name == self._builtin.name:
+            tasks[name] = self._builtin
 
-    def _evict(self, key: tuple[str, int, int]) -> None:
-        with self._delta_lock:
-            self._deltas.pop(key, None)
 
-    @property
-    def head_nbytes(self) -> int:
-        return sum(t.head_weight.nbytes + t.head_bias.nbytes for t in self._tasks.values())
+def builtin_bundle(name: str, backbone: Backbone) -> PackedBundle | None:
+    """The backbone's own classifier as a task (no adapters), or ``None`` if it has none."""
+    if backbone.classifier is None:
+        return None
+    weight, bias = backbone.classifier
+    labels = backbone.labels or [f"class_{i}" for i in range(weight.shape[0])]
+    manifest = Manifest(
+        name=name, version=0, labels=labels, method="pretrained", adapter=AdapterConfig(hidden=0),
+        backbone=BackboneRef(arch=backbone.arch, fingerprint=backbone.fingerprint), preprocess=backbone.preprocess,
+        description=f"the {backbone.arch} backbone's own classifier",
+    )
+    return PackedBundle.from_tensors(manifest, {"head.weight": weight.float().cpu(), "head.bias": bias.float().cpu()})

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from repadapter.bundle import AdapterConfig, BackboneRef
 from repadapter.preprocess import PreprocessConfig
 
-from .registry import LoadedTask
+from .registry import TaskRef
 
 
 class ErrorBody(BaseModel):
@@ -33,6 +33,7 @@ class ImageResult(BaseModel):
 class Timings(BaseModel):
     decode_ms: float = Field(description="Decoding and preprocessing all images.")
     queue_ms: float = Field(description="Longest wait of the request's chunks in the task queue.")
+    load_ms: float = Field(description="Waiting for the task to be loaded onto the device (0 when resident).")
     inference_ms: float = Field(description="Summed time of the batches that served the request.")
     total_ms: float = Field(description="Time spent in the handler.")
 
@@ -57,7 +58,9 @@ class TaskInfo(BaseModel):
     labels: list[str] | None = None
     builtin: bool = Field(description="The backbone's own classifier (not in the store; cannot be deleted).")
     adapter: AdapterConfig
-    adapter_sites: int = Field(description="Adapted sites (0: head only).")
+    resident: Literal["device", "host", "store"] = Field(
+        description="Where the task's tensors are now: `device` (ready), `host` (in memory, moved to the device "
+                    "on its next request), `store` (read from the store on its next request).")
     backbone: BackboneRef
     preprocess: PreprocessConfig
     metrics: dict[str, Any]
@@ -66,12 +69,12 @@ class TaskInfo(BaseModel):
     tensors_sha256: str
 
     @classmethod
-    def of(cls, task: LoadedTask, *, labels: bool = False) -> TaskInfo:
+    def of(cls, task: TaskRef, resident: str, *, labels: bool = False) -> TaskInfo:
         m = task.manifest
         return cls(
             name=m.name, version=m.version, method=m.method, num_labels=len(m.labels),
             labels=list(m.labels) if labels else None, builtin=task.builtin, adapter=m.adapter,
-            adapter_sites=len(task.adapters), backbone=m.backbone, preprocess=m.preprocess, metrics=m.metrics,
+            resident=resident, backbone=m.backbone, preprocess=m.preprocess, metrics=m.metrics,
             description=m.description, created_at=m.created_at, tensors_sha256=m.tensors_sha256,
         )
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -56,12 +56,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest decoded image, width x height (413 above; decompression bombs).")
     max_bundle_bytes: int = Field(512 << 20, ge=1, description="Largest task upload to POST /tasks, in bytes.")
-    delta_cache_size: int = Field(
-        32, ge=1, description="Precomputed task deltas (for merged batches) and row folds (for mixed "
-        "batches) kept, LRU each; a miss costs one fold.")
-    hot_cache_size: int = Field(
-        4, ge=0, description="Tasks whose merged weights stay cached, so switching to them is a memory copy "
-        "(each costs one copy of the adapted layers' weights); 0: every switch recomputes (rank-r addmm).")
+    host_cache_bytes: ByteSize = Field(
+        "1GiB", description="Host tier: verified task bundles kept in memory, least recently used evicted first "
+        "(bytes, or e.g. `512MiB`); a task not held here is read from the store on its next request.")
+    device_cache_bytes: ByteSize = Field(
+        "256MiB", description="Device tier: tasks ready on the serving device (adapters, row folds, head, and the "
+        "merged fold once merged), LRU, bytes; a task not held here is moved from the host tier on its next request.")
+    live_cache_bytes: ByteSize = Field(
+        "64MiB", description="Live tier: merged weights of recently merged tasks, so switching back to one is a "
+        "memory copy; each costs one copy of the adapted layers (6.6 MiB on the embedded MobileNetV2, 189 MiB on a "
+        "float32 ViT-B); LRU, bytes; 0: every switch recomputes (rank-r addmm).")
+    loader_threads: int = Field(2, ge=1, le=64, description="Threads that load tasks from the store onto the device "
+                                "(never the inference worker's).")
     store_poll_s: float = Field(
         10.0, ge=0, description="Store re-scan interval in seconds (0: only at start and on SIGHUP).")
     builtin_task: str = Field(

@@ -78,6 +78,7 @@ async def classify(
                  for i, (up, preds) in enumerate(zip(uploads, result.predictions, strict=True))],
         batch_sizes=result.batch_sizes,
         modes=result.modes,
-        timings=Timings(decode_ms=(decoded - received) * 1e3, queue_ms=result.queue_s * 1e3,
-                        inference_ms=result.inference_s * 1e3, total_ms=(time.perf_counter() - start) * 1e3),
+        timings=Timings(decode_ms=(decoded - received) * 1e3, load_ms=result.load_s * 1e3,
+                        queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
+                        total_ms=(time.perf_counter() - start) * 1e3),
     )

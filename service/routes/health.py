@@ -31,7 +31,7 @@ def readyz(request: Request) -> Readiness:
         detail = runtime.failure if runtime is not None and runtime.failure else "loading tasks and warming up"
         raise NotReady(detail)
     return Readiness(
-        tasks=len(runtime.registry.tasks()), device=str(runtime.backbone.device), dtype=runtime.settings.dtype,
+        tasks=len(runtime.registry), device=str(runtime.backbone.device), dtype=runtime.settings.dtype,
         policy=runtime.settings.policy, active_task=runtime.engine.active_task, costs=runtime.engine.costs.snapshot(),
     )
 

@@ -1,7 +1,7 @@
 """Task management: register (POST), list and describe (GET), delete (DELETE).
 
-A registered task is validated completely, written to the store atomically and served at once; a
-replaced task serves new requests with its new version while queued ones finish with the old one.
+A registered task is validated completely, written to the store atomically and served at once (already
+resident); a replaced task serves new requests with its new version while queued ones finish with the old.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from repadapter import TaskBundle
+from repadapter.bundle import PackedBundle
 
 from ..archive import read_bundle_archive
 from ..deps import ReadyRuntime, require_admin, require_reader
 from ..errors import MalformedRequest
 from ..lifecycle import Runtime
-from ..registry import LoadedTask
+from ..registry import TaskRef
 from ..schemas import ErrorBody, TaskInfo, TaskList
 from ..uploads import read_files
 
@@ -38,14 +38,14 @@ _BODY = {
 }
 
 
-def _register(runtime: Runtime, parts: dict[str, bytes], overwrite: bool) -> LoadedTask:
+def _register(runtime: Runtime, parts: dict[str, bytes], overwrite: bool) -> TaskRef:
     """Blocking part of a registration (archive, checksum, validation, store write), off the event loop."""
     limit = runtime.settings.max_bundle_bytes
     if "bundle" in parts:
         manifest, tensors = read_bundle_archive(parts["bundle"], limit=limit)
     else:
         manifest, tensors = parts["manifest"], parts["tensors"]
-    return runtime.registry.register(TaskBundle.deserialize(manifest, tensors), overwrite=overwrite)
+    return runtime.register(PackedBundle.deserialize(manifest, tensors), overwrite=overwrite)
 
 
 @router.post("", status_code=201, response_model=TaskInfo, responses=_WRITE_ERRORS, openapi_extra=_BODY,
@@ -66,19 +66,20 @@ async def register_task(
         raise MalformedRequest(f"send `manifest` and `tensors`, or one `bundle` archive; got {sorted(parts) or 'none'}")
     task = await run_in_threadpool(_register, runtime, parts, overwrite)
     response.headers["Location"] = f"/tasks/{task.name}"
-    return TaskInfo.of(task, labels=True)
+    return TaskInfo.of(task, runtime.residency.tier(task), labels=True)
 
 
 @router.get("", response_model=TaskList, responses=_READ_ERRORS, dependencies=[Depends(require_reader)])
 def list_tasks(runtime: ReadyRuntime) -> TaskList:
     """Every served task (latest version), without labels."""
-    return TaskList(tasks=[TaskInfo.of(t) for t in runtime.registry.tasks()])
+    return TaskList(tasks=[TaskInfo.of(t, runtime.residency.tier(t)) for t in runtime.registry.tasks()])
 
 
 @router.get("/{name}", response_model=TaskInfo, responses=_READ_ERRORS, dependencies=[Depends(require_reader)])
 def get_task(name: str, runtime: ReadyRuntime) -> TaskInfo:
     """One served task, with its labels."""
-    return TaskInfo.of(runtime.registry.get(name), labels=True)
+    task = runtime.registry.get(name)
+    return TaskInfo.of(task, runtime.residency.tier(task), labels=True)
 
 
 @router.delete("/{name}", status_code=204, response_class=Response, responses=_WRITE_ERRORS,
@@ -86,5 +87,5 @@ def get_task(name: str, runtime: ReadyRuntime) -> TaskInfo:
 async def delete_task(name: str, runtime: ReadyRuntime) -> Response:
     """Delete a task from the store and stop serving it. Requests already accepted are still answered,
     by the version they were accepted for."""
-    await run_in_threadpool(runtime.registry.delete, name)
+    await run_in_threadpool(runtime.delete, name)
     return Response(status_code=204)

@@ -264,10 +264,12 @@ def test_list_and_describe_tasks(client):
     assert names == sorted(names)
     builtin = next(t for t in listed if t["name"] == "imagenet")
     assert (builtin["builtin"], builtin["version"], builtin["num_labels"], builtin["labels"]) == (True, 0, 1000, None)
+    assert builtin["resident"] == "device"  # pinned: served from memory, never from the store
     a = client.get("/tasks/a").json()
-    assert (a["version"], a["labels"], a["adapter_sites"], a["method"]) == (1, [f"a-{i}" for i in range(5)], 6,
-                                                                            "repadapter")
-    assert client.get("/tasks/probe").json()["adapter_sites"] == 0
+    assert (a["version"], a["labels"], a["adapter"]["hidden"], a["method"]) == (1, [f"a-{i}" for i in range(5)], 8,
+                                                                                "repadapter")
+    assert a["resident"] in ("device", "host", "store")
+    assert client.get("/tasks/probe").json()["adapter"]["hidden"] == 0
     error(client.get("/tasks/nope"), 404, "task_not_found")
 
 
@@ -391,28 +393,36 @@ def test_builtin_task_can_be_overridden_but_not_deleted(client, model, images):
 def test_store_changes_appear_without_restart(client, store, model, images):
     bundle = model.bundle("polled", 71)
     store.put(bundle)  # as the training CLI or another replica would
-    wait_for(lambda: client.get("/tasks/polled").status_code == 200, 10, "the poll to load the task")
+    wait_for(lambda: client.get("/tasks/polled").status_code == 200, 10, "the poll to list the task")
+    assert client.get("/tasks/polled").json()["resident"] == "store"  # listed from its manifest only
     got = client.post("/classify?task=polled", files=files(images[0])).json()
     assert_predictions(answers(got), model.predict(bundle, images[:1]))
+    assert got["timings"]["load_ms"] > 0
+    assert client.get("/tasks/polled").json()["resident"] == "device"
     store.delete("polled")
     wait_for(lambda: client.get("/tasks/polled").status_code == 404, 10, "the poll to drop the task")
 
 
-def test_rejected_store_version_is_counted_and_the_old_one_keeps_serving(client, store, model, tmp_path):
+def test_corrupt_stored_version_fails_alone_at_first_load_and_is_not_reloaded(client, store, model, images):
+    """Listing reads manifests only, so a corrupt tensor file is found when the task is first loaded: that
+    task answers 503 ``task_unavailable`` (counted once, never reloaded), every other task is unaffected."""
     store.put(model.bundle("flaky", 81))
-    wait_for(lambda: client.get("/tasks/flaky").status_code == 200, 10, "the task")
-    before = metric(client, "repserve_store_errors_total", 0.0, reason="checksum_mismatch")
-    staging = LocalStore(tmp_path / "staging")  # version 2, corrupted, then moved in atomically
-    staging.put(model.bundle("flaky", 82))
-    staging.put(model.bundle("flaky", 83), overwrite=True)
-    corrupt = staging.root / "flaky" / "v000002"
-    data = bytearray((corrupt / "adapter.safetensors").read_bytes())
+    store.put(model.bundle("flaky", 82), overwrite=True)
+    tensors = store.root / "flaky" / "v000002" / "adapter.safetensors"
+    data = bytearray(tensors.read_bytes())
     data[-4:] = b"\xff\xff\xff\xff"
-    (corrupt / "adapter.safetensors").write_bytes(bytes(data))
-    corrupt.rename(store.root / "flaky" / "v000002")
-    wait_for(lambda: metric(client, "repserve_store_errors_total", 0.0, reason="checksum_mismatch") == before + 1,
-             10, "the rejection")
-    assert client.get("/tasks/flaky").json()["version"] == 1
+    tensors.write_bytes(bytes(data))
+    wait_for(lambda: client.get("/tasks/flaky").status_code == 200, 10, "the poll to list the task")
+    assert client.get("/tasks/flaky").json()["version"] == 2
+    before = metric(client, "repserve_store_errors_total", 0.0, reason="checksum_mismatch")
+    for _ in range(3):
+        r = client.post("/classify?task=flaky", files=files(images[0]))
+        assert "sha256" in error(r, 503, "task_unavailable")
+        assert "Retry-After" not in r.headers  # it stays broken until the store holds a new version
+    assert metric(client, "repserve_store_errors_total", 0.0, reason="checksum_mismatch") == before + 1
+    assert client.get("/tasks/flaky").json()["resident"] == "store"
+    ok = client.post("/classify?task=a", files=files(images[0]))
+    assert ok.status_code == 200
     assert metric(client, "repserve_store_last_scan_timestamp_seconds") > 0
 
 

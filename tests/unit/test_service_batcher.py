@@ -24,13 +24,23 @@ class Clock:
 
 def item(task: str, size: int = 1, *, adapters: bool = True, shape: tuple = SHAPE) -> WorkItem:
     key = (task, 1)
-    return WorkItem(queue=key, weights=key if adapters else None, shape=shape, size=size, payload=task)
+    return WorkItem(queue=key, weight_key=key if adapters else None, shape=shape, size=size, payload=task)
+
+
+class Live:
+    """The residency's record of the live weights, as the scheduler reads it."""
+
+    def __init__(self) -> None:
+        self.key: object = None
+
+    def __call__(self) -> object:
+        return self.key
 
 
 def make(clock: Clock, *, mode: str = "merged", max_batch: int = 4, max_delay: float = 0.01,
-         starvation: float = 0.1, max_queued: int = 100) -> Scheduler:
+         starvation: float = 0.1, max_queued: int = 100, live: Live | None = None) -> Scheduler:
     return Scheduler(max_batch=max_batch, max_delay_s=max_delay, starvation_s=starvation, max_queued=max_queued,
-                     choose=lambda _c: mode, can_mix=mode != "merged", clock=clock)
+                     choose=lambda _c: mode, can_mix=mode != "merged", live=live or Live(), clock=clock)
 
 
 def tasks_of(batch: Batch) -> list[str]:
@@ -44,7 +54,7 @@ def test_waits_for_max_delay_then_dispatches_fifo():
     assert s.plan() is None  # 3 images < max_batch and no one waited max_delay yet
     clock.now = 0.011
     batch = s.plan()
-    assert (tasks_of(batch), batch.size, batch.mode, batch.weights) == (["a", "a"], 3, "merged", ("a", 1))
+    assert (tasks_of(batch), batch.size, batch.mode, batch.weight_key) == (["a", "a"], 3, "merged", ("a", 1))
     assert s.queued == 0
     assert s.plan() is None
 
@@ -68,14 +78,14 @@ def test_oversized_item_is_served_alone():
 
 
 def test_bigger_queue_first_then_preference_for_live_weights():
-    clock = Clock()
-    s = make(clock)
+    clock, live = Clock(), Live()
+    s = make(clock, live=live)
     s.put([item("a")])
     s.put([item("b"), item("b")])
     clock.now = 0.02
     assert tasks_of(s.plan()) == ["b", "b"]  # more images served per switch
     s.put([item("c")])
-    s.set_active(("c", 1))
+    live.key = ("c", 1)
     clock.now = 0.04
     assert tasks_of(s.plan()) == ["c"]  # same size as a, but c's weights are live: no switch
     assert tasks_of(s.plan()) == ["a"]
@@ -132,7 +142,7 @@ def test_mixed_batches_take_every_task_of_one_shape_only():
     s.put([item("a"), item("b"), item("probe", adapters=False), item("big", shape=(3, 64, 64))])
     clock.now = 1.0
     first = s.plan()
-    assert (first.mode, first.weights) == ("mixed", None)
+    assert (first.mode, first.weight_key) == ("mixed", None)
     assert sorted(tasks_of(first)) in (["a", "b", "probe"], ["big"])
     second = s.plan()
     assert sorted(tasks_of(first) + tasks_of(second)) == ["a", "b", "big", "probe"]
@@ -146,14 +156,14 @@ def test_policy_sees_the_queue_mix():
         seen.append(c)
         return "merged"
 
-    clock = Clock()
+    clock, live = Clock(), Live()
     s = Scheduler(max_batch=4, max_delay_s=0.0, starvation_s=1.0, max_queued=100, choose=choose, can_mix=True,
-                  clock=clock)
-    s.set_active(("b", 1))
+                  live=live, clock=clock)
+    live.key = ("b", 1)
     s.put([item("a", 2), item("b"), item("c", 3)])
     s.plan()
     c = seen[0]
-    assert (c.weights, c.active, c.merged_images, c.mixed_images) == (("c", 1), ("b", 1), 3, 4)
+    assert (c.weight_key, c.live, c.merged_images, c.mixed_images) == (("c", 1), ("b", 1), 3, 4)
 
 
 def test_queue_full_is_all_or_nothing():

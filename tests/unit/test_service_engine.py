@@ -95,24 +95,6 @@ def test_policies_give_the_offline_merged_predictions(make_runtime, model, bundl
         assert sizes == [2] * 4
 
 
-def test_mixed_batches_reuse_row_folds_within_the_cache_bound(make_runtime, model, bundles, images):
-    """Folded adapters are kept per task version (LRU as large as the delta cache), and a task evicted and
-    folded again answers exactly as before."""
-    runtime = make_runtime(policy="mixed", delta_cache_size=2)
-    engine = runtime.engine
-    first = {}
-    for name in ["a", "b", "a", "c", "a"]:  # "a" evicted by b, c and folded again at the end
-        result = asyncio.run(classify(runtime, name, images))
-        assert result.modes == ["mixed"]
-        assert_predictions(result.predictions, model.predict(bundles[name], images))
-        assert first.setdefault(name, result.predictions) == result.predictions
-        assert len(engine._folds) <= 2
-    assert list(engine._folds) == [runtime.registry.get(n).key for n in ("c", "a")]
-    one_task = sum(t.numel() * t.element_size() for f in engine._folds[runtime.registry.get("a").key].values()
-                   for t in f.tensors())
-    assert engine.memory()["row_folds"] == 2 * one_task  # same sites and sizes for every task
-
-
 def test_builtin_task_is_the_backbones_classifier(make_runtime, model, images):
     runtime = make_runtime(policy="merged")
     result = asyncio.run(classify(runtime, "imagenet", images, top_k=3))
@@ -137,8 +119,9 @@ def test_base_weights_are_restored_exactly(make_runtime, images):
 
     asyncio.run(run())
     assert runtime.engine.active_task is None
-    assert runtime.switcher.active is None
-    assert runtime.switcher.drift() == 0.0
+    assert runtime.residency.live is None
+    assert runtime.residency.switcher.is_base
+    assert runtime.residency.switcher.drift() == 0.0
     assert runtime.metrics.switches._value.get() >= 2
 
 
@@ -150,7 +133,7 @@ def test_replaced_while_queued_is_answered_by_the_accepted_version(make_runtime,
     async def run():
         old = asyncio.create_task(classify(runtime, "a", images))
         await asyncio.sleep(0.05)  # queued, waiting for its batch to fill
-        await asyncio.to_thread(runtime.registry.register, new, overwrite=True)
+        await asyncio.to_thread(runtime.register, new.pack(), overwrite=True)
         fresh = await classify(runtime, "a", images)
         return await old, fresh
 
@@ -166,7 +149,7 @@ def test_deleted_while_queued_is_answered_by_the_accepted_version(make_runtime, 
     async def run():
         queued = asyncio.create_task(classify(runtime, "b", images))
         await asyncio.sleep(0.05)
-        await asyncio.to_thread(runtime.registry.delete, "b")
+        await asyncio.to_thread(runtime.delete, "b")
         return await queued
 
     result = asyncio.run(run())
@@ -188,8 +171,8 @@ def test_deleted_and_registered_again_never_shares_weights(make_runtime, model, 
         await classify(runtime, "c", images)  # the old c's weights become live (merged) and cached
         old = asyncio.create_task(classify(runtime, "c", images))
         await asyncio.sleep(0.05)
-        await asyncio.to_thread(runtime.registry.delete, "c")
-        await asyncio.to_thread(runtime.registry.register, reborn)
+        await asyncio.to_thread(runtime.delete, "c")
+        await asyncio.to_thread(runtime.register, reborn.pack())
         return await old, await classify(runtime, "c", images)
 
     old, new = asyncio.run(run())
@@ -239,16 +222,16 @@ def test_bfloat16_serving_stays_close_to_float32(make_runtime, model, bundles, i
 def test_failed_switch_restores_every_weight(make_runtime, model, bundles, images):
     """A switch that dies halfway (device error) must not leave half-merged weights behind."""
     runtime = make_runtime(policy="merged")
-    switcher = runtime.switcher
+    switcher = runtime.residency.switcher
     original = switcher.activate
     calls = []
 
-    def dies_halfway(delta):
+    def dies_halfway(delta, merged=None):
         calls.append(delta)
         if len(calls) == 1:
             switcher.targets[0].weight_2d.add_(1.0)  # one target already written
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return original(delta)
+        return original(delta, merged)
 
     switcher.activate = dies_halfway
     try:
@@ -257,6 +240,7 @@ def test_failed_switch_restores_every_weight(make_runtime, model, bundles, image
     finally:
         switcher.activate = original
     assert switcher.drift() == 0.0  # every target restored from the pristine copies
+    assert runtime.residency.live is None
     assert runtime.engine.alive
     probe = asyncio.run(classify(runtime, "probe", images))
     assert_predictions(probe.predictions, model.predict(bundles["probe"], images))

@@ -18,8 +18,8 @@ def costs(switch: float, merged: float, mixed: float) -> CostModel:
     return c
 
 
-def cand(merged: int, mixed: int, *, weights: object = ("a", 1), active: object = ("b", 1)) -> Candidate:
-    return Candidate(shape=SHAPE, weights=weights, active=active, merged_images=merged, mixed_images=mixed)
+def cand(merged: int, mixed: int, *, weight_key: object = ("a", 1), live: object = ("b", 1)) -> Candidate:
+    return Candidate(shape=SHAPE, weight_key=weight_key, live=live, merged_images=merged, mixed_images=mixed)
 
 
 def test_one_task_is_always_merged():
@@ -45,9 +45,9 @@ def test_live_weights_count_in_the_switch_cost():
     # another task live: merged 10 + 2 * 2 = 14 ms for 2 (143/s) vs mixed 10 + 16 * 2.5 = 50 ms for 16 (320/s)
     assert c.choose(cand(2, 16)) == "mixed"
     # this task live: merged 4 ms for 2 (500/s) without a switch
-    assert c.choose(cand(2, 16, active=("a", 1))) == "merged"
+    assert c.choose(cand(2, 16, live=("a", 1))) == "merged"
     # base live: mixed needs no switch either, 40 ms for 16 (400/s) vs merged 14 ms for 2
-    assert c.choose(cand(2, 16, active=None)) == "mixed"
+    assert c.choose(cand(2, 16, live=None)) == "mixed"
 
 
 def test_moving_average_tracks_measurements():
