@@ -143,7 +143,8 @@ class TaskBundle:
         return PackedBundle.from_tensors(manifest, tensors).unpack()
 
     def check_compatible(self, arch: str, fingerprint: str, sites: list[Site], num_features: int) -> None:
-        """Refuse a bundle for another backbone (409) or whose tensors do not fit it (422)."""
+        """Refuse a bundle for another backbone (409) or whose tensors do not fit it (422). Values are not
+        checked again: every bundle read from bytes was (:meth:`PackedBundle.from_tensors`)."""
         ref = self.manifest.backbone
         if ref.arch != arch or ref.fingerprint != fingerprint:
             raise BackboneMismatch(
@@ -153,7 +154,7 @@ class TaskBundle:
         if self.head_weight.shape[1] != num_features:
             raise BundleError(f"task {self.name!r}: head takes {self.head_weight.shape[1]} features, "
                               f"the backbone gives {num_features}")
-        check_adapters(sites, self.adapters)
+        check_adapters(sites, self.adapters, values=False)  # values: checked when the bundle was parsed
 
     @property
     def nbytes(self) -> int:
@@ -257,7 +258,8 @@ class PackedBundle:
         """Every tensor by key, as views of ``buffer`` (default: this bundle's own; or a copy of it, e.g.
         on the serving device)."""
         buffer = self.buffer if buffer is None else buffer
-        return {k: buffer[offset:offset + math.prod(shape)].view(shape) for k, offset, shape in self.layout}
+        chunks = buffer.split([math.prod(shape) for _, _, shape in self.layout])  # layout: contiguous, in order
+        return {k: chunk.view(shape) for (k, _, shape), chunk in zip(self.layout, chunks, strict=True)}
 
     def unpack(self, buffer: Tensor | None = None) -> TaskBundle:
         """The bundle, its tensors views of ``buffer`` (see :meth:`views`)."""

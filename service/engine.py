@@ -218,31 +218,32 @@ class Engine:
         if not self.alive:
             raise NotReady("the inference engine is not running")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.request_timeout_s
+        timeout = self.config.request_timeout_s
         if self._shapes.get(tuple(task.shape), True) is not None:  # not known to be fine: probe (once per size)
             try:
                 await asyncio.to_thread(self.check_shape, task.shape)
             except BundleError as e:
                 raise TaskUnavailable(f"task {task.name!r}: {e}") from e
-        load_start = loop.time()
+        load_start = time.perf_counter()
+        entry: DeviceTask | None = None
         try:
-            entry = await asyncio.wait_for(self.residency.acquire(task), max(0.0, deadline - loop.time()))
+            async with asyncio.timeout(timeout):  # a deadline, not a task: the resident case never suspends
+                entry = await self.residency.acquire(task)
+                load_s = time.perf_counter() - load_start
+                chunks = x.split(self.config.max_batch) if x.shape[0] > self.config.max_batch else (x,)
+                jobs = [_Job(task, entry, chunk, top_k, loop.create_future(), loop) for chunk in chunks]
+                items = [WorkItem(task.key, task.weight_key, task.shape, j.x.shape[0], j) for j in jobs]
+                self.scheduler.put(items)
+                try:
+                    results: list[_ChunkResult] = [await j.future for j in jobs]
+                finally:
+                    for item in items:
+                        item.abandoned = True  # no-op for served items; unserved ones are dropped unprocessed
         except TimeoutError:
-            raise InferenceTimeout(f"task {task.name!r} was not loaded within {self.config.request_timeout_s} s; "
-                                   "the server is overloaded") from None
-        load_s = loop.time() - load_start
-        jobs = [_Job(task, entry, chunk, top_k, loop.create_future(), loop) for chunk in x.split(self.config.max_batch)]
-        items = [WorkItem(task.key, task.weight_key, task.shape, j.x.shape[0], j) for j in jobs]
-        self.scheduler.put(items)
-        try:
-            results: list[_ChunkResult] = await asyncio.wait_for(
-                asyncio.gather(*(j.future for j in jobs)), max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            raise InferenceTimeout(f"no answer within {self.config.request_timeout_s} s; the server is "
-                                   "overloaded") from None
-        finally:
-            for item in items:
-                item.abandoned = True  # no-op for served items; unserved ones are dropped unprocessed
+            if entry is None:
+                raise InferenceTimeout(f"task {task.name!r} was not loaded within {timeout} s; the server is "
+                                       "overloaded") from None
+            raise InferenceTimeout(f"no answer within {timeout} s; the server is overloaded") from None
         return Inference(
             task=task,
             predictions=[p for r in results for p in r.predictions],

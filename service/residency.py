@@ -118,7 +118,7 @@ class Residency:
     async def acquire(self, task: TaskRef) -> DeviceTask:
         """The task on the device: at once when resident, else after a load in a loader thread (shared by
         every request that waits for it). Raises :class:`TaskUnavailable` if its stored bundle is bad."""
-        entry = self._lookup(task)
+        entry = self.resident(task)
         if entry is not None:
             return entry
         # shield: a request that gives up must not cancel a load other requests wait for
@@ -126,7 +126,7 @@ class Residency:
 
     def acquire_blocking(self, task: TaskRef) -> DeviceTask:
         """:meth:`acquire` for threads without an event loop (start-up, benchmarks)."""
-        entry = self._lookup(task)
+        entry = self.resident(task)
         return entry if entry is not None else self._load_future(task).result()
 
     def tier(self, task: TaskRef) -> str:
@@ -170,7 +170,8 @@ class Residency:
             entry.delta = self.switcher.prepare(packed.name, entry.adapters)
         return entry
 
-    def _lookup(self, task: TaskRef) -> DeviceTask | None:
+    def resident(self, task: TaskRef) -> DeviceTask | None:
+        """The task on the device if it is there now (counted as a device-tier hit or miss)."""
         pinned = self._pinned.get(task.key)
         return pinned if pinned is not None else self.on_device.get(task.key)
 
@@ -185,15 +186,18 @@ class Residency:
             if future is None:
                 future = self._pool.submit(self._load, task)
                 self._inflight[task.key] = future
-                future.add_done_callback(lambda f, key=task.key: self._loaded(key, f))
             return future
 
-    def _loaded(self, key: TaskKey, future: concurrent.futures.Future[DeviceTask]) -> None:
-        with self._lock:
-            self._inflight.pop(key, None)
-
     def _load(self, task: TaskRef) -> DeviceTask:
-        """Loader thread: store -> host (if needed) -> device. Failures become :class:`TaskUnavailable`."""
+        """Loader thread: store -> host (if needed) -> device, then no longer in flight (the device tier
+        answers from then on). Failures become :class:`TaskUnavailable`."""
+        try:
+            return self._load_tiers(task)
+        finally:
+            with self._lock:
+                self._inflight.pop(task.key, None)
+
+    def _load_tiers(self, task: TaskRef) -> DeviceTask:
         try:
             packed = self._host_bundle(task)
             start = time.perf_counter()
