@@ -2,21 +2,22 @@
 
 Every point is a fresh subprocess (so nothing freed earlier hides in the allocator; ``--jobs`` of them at a
 time, since RSS does not depend on timing), measured after ``gc`` + ``malloc_trim``: process RSS, and on
-CUDA ``torch.cuda.memory_allocated``. No forward pass runs (activations are the same for both sides and
-depend on the batch size). Modes:
-- ``baseline``: the interpreter with torch, timm and repadapter imported (subtracted from both sides);
-- ``repserve``: the backbone with slots attached and its :class:`WeightSwitcher` (pristine copies of the
-  affected weights), N tasks as a registry holds them (each a :class:`TaskBundle` read back from its
-  serialized bytes: float32 adapters on the host, plus adapters and a 10-class head on the device in the
-  serving dtype, which on a CPU in float32 are the same tensors), and an LRU of ``--lru`` prepared deltas;
+CUDA ``torch.cuda.memory_allocated``. Modes:
+- ``baseline``: the interpreter with torch, timm, repadapter and the service imported (subtracted from
+  both sides);
+- ``repserve``: the service's own objects (:class:`service.lifecycle.Runtime`: backbone, switcher with its
+  pristine copies, registry, residency tiers) over a store of N tasks (:mod:`bench.taskgen`), every task
+  loaded once so that all N are in the host tier (which is given room for all), and the last
+  ``--working-set`` tasks served by a merged request each, so the device tier (``--device-mib``) and the
+  live tier (``--live-mib``) hold what a busy replica's would;
 - ``copies``: N full models (a deep copy of the backbone each, plus its own head). Copies are measured
   only while they fit a budget (``--max-gib``, and half of the available memory shared by the jobs); beyond
   it the figure is a linear fit of the measured points, marked as extrapolated.
 Goal: backbone + N x bundle; each row gives RepServe's memory over that ideal (a process holding one model,
-measured, plus the N tasks' adapter and head bytes on the serving device), and a fit splits RepServe's
-memory into a fixed part and a per-task part.
+measured, plus the N tasks' tensor bytes), and a fit splits RepServe's memory into a fixed part and a
+per-task part (the device and live tiers, bounded by their settings, taken out).
 
-    python -m bench.memory [--quick] [--archs vit_tiny,vit_base] [--tasks 1,10,100,1000] [--lru 8]
+    python -m bench.memory [--quick] [--archs vit_tiny,vit_base] [--tasks 1,10,100,1000] [--working-set 8]
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import subprocess
 import sys
-from collections import OrderedDict
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import common
+from . import common, taskgen
 
 TITLE = "Memory"
 NAME = "memory"
@@ -56,9 +59,12 @@ def child(argv: Sequence[str]) -> dict[str, Any]:
     p.add_argument("mode", choices=["baseline", "repserve", "copies"])
     p.add_argument("--arch", default="vit_tiny")
     p.add_argument("--n", type=int, default=1)
+    p.add_argument("--store", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32")
-    p.add_argument("--lru", type=int, default=8)
+    p.add_argument("--working-set", type=int, default=8)
+    p.add_argument("--device-mib", type=int, default=32)
+    p.add_argument("--live-mib", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -68,7 +74,7 @@ def child(argv: Sequence[str]) -> dict[str, Any]:
     keep: list[Any] = []  # everything measured stays referenced until RSS is read
     facts: dict[str, Any] = {}
     if a.mode == "repserve":
-        keep, facts = _repserve(a.arch, a.n, device, dtype, a.lru, a.seed)
+        keep, facts = _repserve(a, device)
     elif a.mode == "copies":
         keep, facts = _copies(a.arch, a.n, device, dtype, a.seed)
     common.settle_memory()
@@ -81,45 +87,51 @@ def child(argv: Sequence[str]) -> dict[str, Any]:
 
 
 def _first_use(device: torch.device) -> None:
-    """Page in the library code both sides use (matmul kernels, safetensors, the CUDA context), so that
-    it counts in the baseline rather than on whichever side happens to call it first."""
+    """Page in the library code both sides use (matmul kernels, safetensors, the service's modules, the CUDA
+    context), so that it counts in the baseline rather than on whichever side happens to call it first."""
     from safetensors.torch import load, save
+
+    import service.lifecycle  # noqa: F401 - its imports (FastAPI, pydantic, prometheus) count in the baseline
 
     x = torch.randn(64, 64, device=device)
     torch.addmm(x, x, x)
     load(save({"x": x.cpu()}))
 
 
-def _repserve(name: str, n: int, device: torch.device, dtype: torch.dtype, lru: int,
-              seed: int) -> tuple[list[Any], dict[str, Any]]:
-    from repadapter import AdapterConfig, BackboneRef, Manifest, TaskBundle, WeightSwitcher, attach_slots
+def _repserve(a: Any, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
+    """The service's runtime over the store at ``a.store``: all N tasks host-resident, the working set
+    served (merged) once each."""
+    import asyncio
 
-    bb = common.load(name, device, dtype, seed)
-    sw = WeightSwitcher(attach_slots(bb.model), pack=True)
-    ref = BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint)
-    labels = [f"class-{i}" for i in range(HEAD_CLASSES)]
-    registry: dict[str, tuple[TaskBundle, dict, torch.Tensor, torch.Tensor]] = {}
-    g = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        bundle = TaskBundle(Manifest(name=f"task-{i}", labels=labels, adapter=AdapterConfig(), backbone=ref),
-                            common.random_adapters(sw.sites, seed + i),
-                            torch.randn(HEAD_CLASSES, bb.num_features, generator=g) * 0.01,
-                            torch.zeros(HEAD_CLASSES))
-        loaded = TaskBundle.deserialize(*bundle.serialize())  # as read back from the store
-        device_adapters = {k: w.to(device, dtype) for k, w in loaded.adapters.items()}
-        registry[loaded.name] = (loaded, device_adapters, loaded.head_weight.to(device, dtype),
-                                 loaded.head_bias.to(device, dtype))
-    deltas: OrderedDict[str, Any] = OrderedDict()
-    for task in list(registry)[-lru:]:  # the most recently used tasks' folds
-        deltas[task] = sw.prepare(task, {k: w.to(device) for k, w in registry[task][0].adapters.items()})
-    sw.activate(next(reversed(deltas.values())))
-    facts = {"model_bytes": common.model_nbytes(bb.model), "pristine_bytes": sw.pristine_nbytes,
-             "bundle_bytes": sum(t[0].nbytes for t in registry.values()),
-             # what the tasks hold on the serving device (the same tensors as the bundles' on a CPU in fp32)
-             "task_device_bytes": sum(common.nbytes([*(x for w in t[1].values() for x in w.tensors().values()),
-                                                     t[2], t[3]]) for t in registry.values()),
-             "delta_bytes": sum(d.nbytes() for d in deltas.values()), "deltas": len(deltas)}
-    return [bb, sw, registry, deltas], facts
+    from service.lifecycle import Runtime
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    settings = Settings(store=a.store, backbone=common.arch_name(a.arch), seed=a.seed, device=device.type,
+                        dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[a.dtype], warmup=False,
+                        builtin_task="", store_poll_s=0, policy="auto", host_cache_bytes=1 << 40,
+                        device_cache_bytes=a.device_mib << 20, live_cache_bytes=a.live_mib << 20)
+    runtime = Runtime(settings, Metrics())
+    runtime.initialize()
+    if not runtime.ready.is_set():
+        raise RuntimeError(f"runtime not ready: {runtime.failure}")
+    tasks = runtime.registry.tasks()
+    for task in tasks:
+        runtime.residency.acquire_blocking(task)
+    for task in tasks[-a.working_set:] if a.working_set else []:
+        x = torch.zeros(1, *task.shape)
+        asyncio.run(runtime.engine.submit(task, x, 1))  # one task queued: a merged batch (fold, live snapshot)
+    stats = runtime.residency.stats()
+    facts = {"model_bytes": common.model_nbytes(runtime.backbone.model),
+             "pristine_bytes": runtime.residency.switcher.pristine_nbytes,
+             "bundle_bytes": stats["host"].nbytes, "tasks_host": stats["host"].entries,
+             "device_tier_bytes": stats["device"].nbytes, "device_tier_tasks": stats["device"].entries,
+             "live_tier_bytes": stats["live"].nbytes, "live_tier_tasks": stats["live"].entries,
+             # the bounded caches: on a CPU in fp32 the device tier's adapters and heads are views of the host
+             # tier's buffers, so only its folds add memory; they are taken out of the per-task fit
+             "working_set_bytes": stats["device"].nbytes + stats["live"].nbytes}
+    runtime.engine.stop()
+    return [runtime], facts
 
 
 def _copies(name: str, n: int, device: torch.device, dtype: torch.dtype,
@@ -130,11 +142,13 @@ def _copies(name: str, n: int, device: torch.device, dtype: torch.dtype,
     return [models], {"model_bytes": common.model_nbytes(bb.model)}
 
 
-def measure_point(mode: str, arch: str, n: int, args: Any, device: torch.device, dtype: str) -> dict[str, Any]:
+def measure_point(mode: str, arch: str, n: int, args: Any, device: torch.device, dtype: str,
+                  store: Path | None = None) -> dict[str, Any]:
     """Run one child process and return its figures."""
     cmd = [sys.executable, "-m", "bench.memory", "child", mode, "--arch", arch, "--n", str(n), "--device",
-           str(device), "--dtype", dtype, "--lru", str(args.lru), "--threads", str(args.threads),
-           "--seed", str(args.seed)]
+           str(device), "--dtype", dtype, "--working-set", str(args.working_set), "--device-mib",
+           str(args.device_mib), "--live-mib", str(args.live_mib), "--threads", str(args.threads),
+           "--seed", str(args.seed), *(["--store", str(store)] if store else [])]
     proc = subprocess.run(cmd, cwd=common.ROOT, env=common.child_env(), capture_output=True, text=True,
                           timeout=args.child_timeout)
     if proc.returncode:
@@ -160,10 +174,8 @@ def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares ``(intercept, slope)``; one point gives a zero slope."""
     if len(points) < 2:
         return points[0][1], 0.0
-    xs, ys = zip(*points, strict=True)
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
+    slope, intercept = np.polyfit(*zip(*points, strict=True), 1)
+    return float(intercept), float(slope)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -173,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return {}
     p = common.parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=common.csv(int), help="task counts N (default 1,10,100,1000; quick: 1,10)")
-    p.add_argument("--lru", type=int, default=8, help="prepared task deltas kept (the engine's delta LRU)")
+    p.add_argument("--working-set", type=int, default=8, help="tasks served by one merged request each (their "
+                   "folds and merged weights are what the device and live tiers hold)")
+    p.add_argument("--device-mib", type=int, default=32, help="RepServe's device tier (REPSERVE_DEVICE_CACHE_BYTES)")
+    p.add_argument("--live-mib", type=int, default=16, help="RepServe's live tier (REPSERVE_LIVE_CACHE_BYTES)")
     p.add_argument("--max-gib", type=float, default=6.0, help="budget for one process's full-model copies")
     p.add_argument("--jobs", type=int, default=2, help="measurement processes at a time: RSS does not depend "
                    "on timing; the copy budget is shared between them")
@@ -187,22 +202,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if run.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(run.device)
         budget = min(budget, 0.5 * free / jobs)
-    run.note(f"RepServe keeps an LRU of {args.lru} prepared deltas; registered tasks have {HEAD_CLASSES}-class "
-             f"heads. Full-model copies measured up to a {common.fmt_bytes(budget)} budget, beyond that "
-             "extrapolated linearly (marked *).")
+    run.note(f"RepServe: every task host-resident, the last {args.working_set} served merged once each; device "
+             f"tier {args.device_mib} MiB, live tier {args.live_mib} MiB; tasks have {HEAD_CLASSES}-class heads. "
+             f"Full-model copies measured up to a {common.fmt_bytes(budget)} budget, beyond that extrapolated "
+             "linearly (marked *).")
     dt = run.dtypes[0]
     if len(run.dtypes) > 1:
         run.note(f"memory measured in {dt} only")
     points = [("baseline", "none", 0)]
+    stores: dict[tuple[str, int], Path] = {}
+    stores_dir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     for name in archs:
         wanted = EXTRA_COPY_POINTS if args.quick else (*EXTRA_COPY_POINTS, *tasks)
         size = model_bytes(name, common.DTYPES[dt])
         points += [("repserve", name, n) for n in tasks]
+        for n in tasks:
+            stores[name, n] = stores_dir / f"{name}-{n}"
+            taskgen.build_store(stores[name, n], name, tasks=n, distinct=min(n, 16), image_size=None,
+                                seed=args.seed)
         points += [("copies", name, n) for n in sorted({n for n in wanted if n * size <= budget} | {1})]
     run.log.info("%d measurement processes, %d at a time", len(points), jobs)
     with ThreadPoolExecutor(jobs) as pool:
-        measured = dict(zip(points, pool.map(lambda pt: measure_point(*pt, args, run.device, dt), points),
+        measured = dict(zip(points, pool.map(lambda pt: measure_point(*pt, args, run.device, dt,
+                                                                      stores.get((pt[1], pt[2]))), points),
                             strict=True))
+    shutil.rmtree(stores_dir, ignore_errors=True)
     baseline = measured[points[0]]
     per_arch = []
     for name in archs:
@@ -213,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "goal": {"ideal": "model + N x bundle", "n": tasks[-1],
                         "vs_ideal": {a["arch"]: a["rows"][-1]["vs_ideal"] for a in per_arch},
                         "vs_copies": {a["arch"]: a["rows"][-1]["copies_vs_repserve"] for a in per_arch}}}
-    config = {"archs": archs, "tasks": tasks, "lru": args.lru, "dtype": dt, "copy_budget_bytes": int(budget),
+    config = {"archs": archs, "tasks": tasks, "working_set": args.working_set, "device_mib": args.device_mib,
+              "live_mib": args.live_mib, "dtype": dt, "copy_budget_bytes": int(budget),
               "head_classes": HEAD_CLASSES, "adapter": {"hidden": 8, "groups": 2}}
     return run.finish(config, results, render, plot)
 
@@ -222,8 +247,8 @@ def _summarize(name: str, tasks: list[int], rep: dict[int, dict], cop: dict[int,
                run: common.Run) -> dict[str, Any]:
     """Rows per N (memory above the baseline), the per-task and per-copy fits, and the goal figure.
 
-    The metric is where the models live: process RSS on a CPU, CUDA allocated bytes on a GPU. The LRU's
-    deltas (at most ``--lru``, so bounded) are taken out of the per-task fit: it is the registry's cost.
+    The metric is where the models live: process RSS on a CPU, CUDA allocated bytes on a GPU. The device and
+    live tiers (bounded by their settings) are taken out of the per-task fit.
     """
     key = "cuda_allocated_bytes" if run.device.type == "cuda" else "rss_bytes"
     b0 = baseline.get(key, 0)
@@ -231,18 +256,20 @@ def _summarize(name: str, tasks: list[int], rep: dict[int, dict], cop: dict[int,
     if len(cop) == 1:  # nothing to fit: each further copy costs the model's tensor bytes
         c1 = rep[tasks[0]]["model_bytes"]
         c0 = cop[1][key] - b0 - c1
-    r0, r1 = fit_line([(n, p[key] - b0 - p["delta_bytes"]) for n, p in rep.items()])
+    r0, r1 = fit_line([(n, p[key] - b0 - p["working_set_bytes"]) for n, p in rep.items()])
     bundle_per_task = rep[tasks[-1]]["bundle_bytes"] / tasks[-1]
     rows = []
     for n in tasks:
         mine = rep[n][key] - b0
         measured = n in cop
         theirs = cop[n][key] - b0 if measured else c0 + c1 * n
-        ideal = cop[1][key] - b0 + rep[n]["task_device_bytes"]
+        ideal = cop[1][key] - b0 + rep[n]["bundle_bytes"]
         rows.append({"n": n, "repserve_bytes": mine, "copies_bytes": theirs, "copies_extrapolated": not measured,
                      "copies_vs_repserve": theirs / mine, "ideal_bytes": ideal, "vs_ideal": mine / ideal,
                      "repserve_rss_bytes": rep[n]["rss_bytes"] - baseline["rss_bytes"],
-                     "bundle_bytes": rep[n]["bundle_bytes"], "delta_bytes": rep[n]["delta_bytes"]})
+                     "bundle_bytes": rep[n]["bundle_bytes"], "tasks_host": rep[n]["tasks_host"],
+                     "device_tier_bytes": rep[n]["device_tier_bytes"], "live_tier_bytes": rep[n]["live_tier_bytes"],
+                     "working_set_bytes": rep[n]["working_set_bytes"]})
     if any(r["copies_extrapolated"] for r in rows):
         run.note(f"{name}: copies beyond N={max(cop)} extrapolated ({common.fmt_bytes(c1)} per model)")
     first = rep[tasks[0]]
@@ -250,7 +277,7 @@ def _summarize(name: str, tasks: list[int], rep: dict[int, dict], cop: dict[int,
         "arch": name, "metric": key, "rows": rows, "copies_measured": sorted(cop),
         "model_bytes": first["model_bytes"], "pristine_bytes": first["pristine_bytes"],
         "bundle_bytes_per_task": bundle_per_task,
-        "delta_bytes_per_task": first["delta_bytes"] / max(1, first["deltas"]),
+
         "fit": {"repserve_fixed_bytes": r0, "repserve_per_task_bytes": r1, "copies_fixed_bytes": c0,
                 "copies_per_model_bytes": c1},
         "per_task_vs_bundle": r1 / bundle_per_task if len(rep) > 1 else 0.0,
@@ -266,17 +293,18 @@ def render(payload: dict[str, Any]) -> str:
     parts = [
         f"Goal: backbone + N x bundle (ideal = one model, measured, + N x the tasks' tensor bytes). RepServe over "
         f"that ideal at N={goal['n']}: {at}. The fixed extra is mostly the switcher's pristine copies of the "
-        "affected weights (the price of drift-free switching) and the LRU's deltas; the per-task extra is the "
-        "Python and tensor objects around each bundle's tensors.",
+        "affected weights (the price of drift-free switching) and the device and live tiers, bounded by their "
+        "settings; the per-task extra is the registry's manifest and the tiers' bookkeeping around each task's "
+        "one-buffer bundle.",
         "",
         f"Figures are above the baseline process (Python + torch + timm imported: "
         f"{b(res['baseline']['rss_bytes'])} RSS). Marked * = extrapolated from the measured copies.",
         "",
         common.md_table(
-            ["backbone", "model", "pristine copies (switcher)", "bundle / task", "delta / task (LRU)",
-             "RepServe fixed (fit)", "RepServe per task (fit, LRU excluded)", "per task / bundle"],
+            ["backbone", "model", "pristine copies (switcher)", "bundle / task", "device + live tiers (at max N)",
+             "RepServe fixed (fit)", "RepServe per task (fit, tiers excluded)", "per task / bundle"],
             [[a["arch"], b(a["model_bytes"]), b(a["pristine_bytes"]), b(a["bundle_bytes_per_task"]),
-              b(a["delta_bytes_per_task"]), b(a["fit"]["repserve_fixed_bytes"]),
+              b(a["rows"][-1]["working_set_bytes"]), b(a["fit"]["repserve_fixed_bytes"]),
               b(a["fit"]["repserve_per_task_bytes"]), f"{a['per_task_vs_bundle']:.2f}"] for a in res["archs"]]),
         "",
     ]

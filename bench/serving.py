@@ -27,385 +27,72 @@ machine, and oversubscribed OpenMP threads stall forwards for seconds. Goal: ``a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import io
 import logging
-import os
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-import torch
-
-from repadapter import AdapterConfig, BackboneRef, LocalStore, Manifest, TaskBundle, attach_slots
-
-from . import common
+from . import common, taskgen
+from .loadgen import MIXES, load_stats, median, paired, photos, request_plan, run_load
+from .servers import ServerProcess, sigterm_exits, stopping
 
 TITLE = "Serving under load"
 NAME = "serving"
 log = logging.getLogger(f"bench.{NAME}")
 POLICIES = ("merged", "mixed", "auto")
-MIXES = ("single", "uniform", "zipf")
 BASELINE = "baseline"
 GOAL = 0.8
-HEAD_CLASSES = 10
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 FULL = {"tasks": 20, "requests": 400, "concurrency": 16, "repeats": 5, "policies": list(POLICIES),
         "time_cap": 120.0}
 QUICK = {"tasks": 2, "requests": 20, "concurrency": 4, "repeats": 1, "policies": ["auto"], "time_cap": 20.0}
-CONV_IMAGE_SIZE = 96
-"""Input size of the embedded (convolutional) backbone's tasks: 5x fewer pixels than 224 keeps CPU loads
-short; other backbones keep their own size (a ViT's position embedding is fixed)."""
 
 
-# --------------------------------------------------------------------------------------------- store
-
-
-def build_store(root: Path, arch: str, *, tasks: int, image_size: int | None, seed: int) -> dict[str, Any]:
-    """``tasks`` bundles for ``arch`` (random non-trivial adapters on every site, seeded 10-class heads)
-    written to a :class:`LocalStore` at ``root``; returns facts for the result."""
-    bb = common.load(arch, torch.device("cpu"), torch.float32, seed)
-    sites = attach_slots(bb.model)
-    preprocess = bb.preprocess if image_size is None else bb.preprocess.with_size(image_size)
-    store = LocalStore(root)
-    g = torch.Generator().manual_seed(seed)
-    f = bb.num_features
-    for i in range(tasks):
-        name = task_name(i)
-        manifest = Manifest(name=name, labels=[f"{name}-c{c}" for c in range(HEAD_CLASSES)],
-                            adapter=AdapterConfig(hidden=8, groups=2, scale=1.0), preprocess=preprocess,
-                            backbone=BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint))
-        store.put(TaskBundle(manifest, common.random_adapters(sites, seed + 1 + i),
-                             torch.randn(HEAD_CLASSES, f, generator=g) * (3.0 / f**0.5),
-                             torch.randn(HEAD_CLASSES, generator=g) * 0.1))
-    return {"backbone": bb.arch, "sites": len(sites), "input_size": list(preprocess.input_size),
-            "params": sum(p.numel() for p in bb.model.parameters())}
-
-
-def task_name(i: int) -> str:
-    return f"task{i:02d}"
-
-
-def request_plan(mix: str, tasks: int, n: int, seed: Sequence[int], zipf_s: float) -> list[int]:
-    """Task index of each of ``n`` requests (seeded, so every server of a round gets the same sequence)."""
-    rng = np.random.default_rng(list(seed))
-    if mix == "single":
-        return [0] * n
-    if mix == "uniform":
-        return rng.integers(0, tasks, n).tolist()
-    if mix == "zipf":
-        weights = 1.0 / np.arange(1, tasks + 1) ** zipf_s
-        return rng.choice(tasks, n, p=weights / weights.sum()).tolist()
-    raise ValueError(f"unknown mix {mix!r}; choose from {MIXES}")
-
-
-def photos(px: int) -> list[bytes]:
-    """Real photos (scikit-image's bundled ones) as ``px``-wide JPEGs, the request bodies."""
-    from PIL import Image
-    from skimage import data
-
-    out = []
-    for name in PHOTOS:
-        image = Image.fromarray(getattr(data, name)()).convert("RGB")
-        image = image.resize((px, max(1, round(px * image.height / image.width))))
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-# --------------------------------------------------------------------------------------------- servers
-
-
-def _parent_death_signal() -> Callable[[], object] | None:
-    """A ``preexec_fn`` that makes a server get SIGTERM when the benchmark dies, even by SIGKILL, so no
-    server outlives it (Linux ``prctl(PR_SET_PDEATHSIG)``; ``None`` elsewhere). libc is loaded here, in
-    the parent: the child between fork and exec must not load libraries."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM raises SystemExit while the benchmark runs, so ``finally`` blocks stop the servers (the
-    default action would end the process on the spot). Main thread only; the old handler is restored."""
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """One server (``python -m <module> ...``) on a free loopback port; its output goes to ``log_path``.
-
-    :meth:`stop` sends SIGTERM, then kills after a grace period; call it in a ``finally`` (``ExitStack``).
-    """
-
-    def __init__(self, name: str, module: str, args: Sequence[str], log_path: Path) -> None:
-        self.name, self.port = name, free_port()
-        self.command = shlex.join(["python", "-m", module, *args])  # as recorded: without the loopback port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.cmd, cwd=common.ROOT, env=common.child_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_parent_death_signal())
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds until ``/readyz`` answered 200; raises (with the log's tail) on exit or timeout."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return time.monotonic() - start
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
-
-    def memory(self) -> dict[str, int]:
-        """Resident and peak resident bytes of the server process (Linux; empty elsewhere)."""
-        out = {}
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out["rss_bytes" if key == "VmRSS" else "hwm_bytes"] = int(value.split()[0]) * 1024
-        return out
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time the server process used so far, all threads (Linux; ``None`` elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-
-    def costs(self) -> dict[str, Any] | None:
-        """RepServe's cost-model estimates (what ``auto`` decides on) from ``/readyz``; ``None`` elsewhere."""
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=10.0).json().get("costs")
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    def counter(self, metric: str) -> float | None:
-        """An unlabelled counter from ``/metrics`` (RepServe only; ``None`` where there is none)."""
-        try:
-            text = httpx.get(f"{self.url}/metrics", timeout=10.0).text
-        except httpx.HTTPError:
-            return None
-        for line in text.splitlines():
-            if line.startswith(metric + " "):
-                return float(line.split()[1])
-        return None
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
-
-
-# --------------------------------------------------------------------------------------------- load
-
-
-@dataclass
-class Sample:
-    """One request as the client saw it; ``status`` is the HTTP code or the transport error's name."""
-
-    latency_s: float
-    status: int | str
-    batch_sizes: list[int] = field(default_factory=list)
-    modes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Load:
-    samples: list[Sample]
-    sent: int
-    wall_s: float
-
-
-async def _one(client: httpx.AsyncClient, task: str, blobs: list[bytes]) -> Sample:
-    start = time.perf_counter()
-    try:
-        if len(blobs) == 1:
-            r = await client.post(f"/classify?task={task}", content=blobs[0], headers={"Content-Type": "image/jpeg"})
-        else:
-            r = await client.post(f"/classify?task={task}",
-                                  files=[("files", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(blobs)])
-    except httpx.HTTPError as e:
-        return Sample(time.perf_counter() - start, type(e).__name__)
-    latency = time.perf_counter() - start
-    if r.status_code != 200:
-        return Sample(latency, r.status_code)
-    body = r.json()
-    if len(body.get("results", ())) != len(blobs):
-        return Sample(latency, "wrong_result_count")
-    return Sample(latency, 200, body.get("batch_sizes", []), body.get("modes", []), body.get("timings", {}))
-
-
-async def _closed_loop(url: str, plan: Sequence[int], names: Sequence[str], images: Sequence[bytes], *,
-                       per_request: int, concurrency: int, time_cap_s: float, timeout_s: float) -> Load:
-    """``concurrency`` clients, each sending its next request when its last one is answered, until the
-    plan is used up or ``time_cap_s`` passed (no new request after that; in-flight ones finish, bounded
-    by ``timeout_s``)."""
-    samples: list[Sample] = []
-    sent = 0
-    indices = iter(range(len(plan)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
-        start = time.perf_counter()
-        deadline = start + time_cap_s
-
-        async def client_loop() -> None:
-            nonlocal sent
-            for i in indices:  # shared iterator: every request is sent once
-                if time.perf_counter() >= deadline:
-                    return
-                sent += 1
-                blobs = [images[(i + j) % len(images)] for j in range(per_request)]
-                samples.append(await _one(client, names[plan[i]], blobs))
-
-        with contextlib.suppress(TimeoutError):  # hard bound: a hung server cannot hang the benchmark
-            await asyncio.wait_for(asyncio.gather(*(client_loop() for _ in range(concurrency))),
-                                   time_cap_s + timeout_s + 5.0)
-        wall = time.perf_counter() - start
-    return Load(samples, sent, wall)
-
-
-def run_load(url: str, plan: Sequence[int], names: Sequence[str], images: Sequence[bytes], *, per_request: int,
-             concurrency: int, time_cap_s: float, timeout_s: float) -> Load:
-    return asyncio.run(_closed_loop(url, plan, names, images, per_request=per_request, concurrency=concurrency,
-                                    time_cap_s=time_cap_s, timeout_s=timeout_s))
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolation percentile (``q`` in 0..100) of already sorted values; ``None`` if empty."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def load_stats(load: Load, *, planned: int, per_request: int) -> dict[str, Any]:
-    """One load's figures: throughput of answered requests, latency percentiles (ms), errors by code,
-    and the servers' own view (mean batch size, share of requests served by a mixed batch, timings)."""
-    ok = [s for s in load.samples if s.status == 200]
-    lat = sorted(s.latency_s * 1e3 for s in ok)
-    errors = Counter(str(s.status) for s in load.samples if s.status != 200)
-    if load.sent > len(load.samples):
-        errors["unanswered"] += load.sent - len(load.samples)
-    timings = {k: statistics.fmean(s.timings[k] for s in ok if k in s.timings) if ok else None
-               for k in ("decode_ms", "queue_ms", "inference_ms", "total_ms")}
-    return {
-        "planned": planned, "sent": load.sent, "ok": len(ok), "errors": sum(errors.values()),
-        "error_codes": dict(errors), "wall_s": load.wall_s,
-        "req_per_s": len(ok) / load.wall_s, "images_per_s": len(ok) * per_request / load.wall_s,
-        "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
-        "mean_ms": statistics.fmean(lat) if lat else None,  # minus server_ms.total_ms: time outside the route
-        "batch_mean": statistics.fmean(statistics.fmean(s.batch_sizes) for s in ok if s.batch_sizes)
-        if any(s.batch_sizes for s in ok) else None,
-        "mixed_share": sum("mixed" in s.modes for s in ok) / len(ok) if ok else None,
-        "server_ms": timings,
-    }
-
-
-# --------------------------------------------------------------------------------------------- the run
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def _paired(num: Sequence[float], den: Sequence[float]) -> float | None:
-    """:func:`common.paired_ratio` over the rounds where the denominator is positive."""
-    pairs = [(a, b) for a, b in zip(num, den, strict=True) if b > 0]
-    return common.paired_ratio(*zip(*pairs, strict=True)) if pairs else None
+def server_dtype(run: common.Run) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[run.dtypes[0]]
 
 
 def start_servers(policies: Sequence[str], baseline: bool, store: Path, arch: str, args: Any, run: common.Run,
                   logs: Path, stack: contextlib.ExitStack) -> dict[str, ServerProcess]:
-    """Every server of one backbone, started together (start-up overlaps), each stopped by ``stack``."""
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[run.dtypes[0]]
+    """Every server of one backbone, started together (start-up overlaps), each stopped by ``stack``. The
+    baseline holds every task's model from the start (``--preload``, no cache bound)."""
     shared = ["--store", str(store), "--backbone", common.arch_name(arch), "--seed", str(args.seed),
-              "--device", run.device.type, "--dtype", dtype]
+              "--device", run.device.type, "--dtype", server_dtype(run)]
     servers: dict[str, ServerProcess] = {}
     for policy in policies:
         flags = [*shared, "--policy", policy, "--torch-threads", str(args.threads), "--max-batch",
                  str(args.max_batch), "--store-poll-s", "0", "--builtin-task", "", "--log-level", "warning",
                  *args.service_args]
-        servers[policy] = stack.enter_context(_stopping(ServerProcess(policy, "service", flags,
-                                                                      logs / f"{policy}.log")))
+        servers[policy] = stack.enter_context(stopping(ServerProcess(policy, "service", flags,
+                                                                     logs / f"{policy}.log")))
     if baseline:
-        flags = [*shared, "--threads", str(args.threads), "--max-batch", str(args.baseline_max_batch or args.max_batch)]
-        servers[BASELINE] = stack.enter_context(_stopping(ServerProcess(BASELINE, "bench.serving_baseline", flags,
-                                                                        logs / f"{BASELINE}.log")))
+        taskgen.export_models(store, logs / "models", arch, seed=args.seed)
+        flags = [*shared, "--models", str(logs / "models"), "--preload", "--threads", str(args.threads),
+                 "--max-batch", str(args.baseline_max_batch or args.max_batch)]
+        servers[BASELINE] = stack.enter_context(stopping(ServerProcess(BASELINE, "bench.serving_baseline", flags,
+                                                                       logs / f"{BASELINE}.log")))
     for name, server in servers.items():
         run.log.info("%s ready after %.1f s (%s)", name, server.wait_ready(args.start_timeout), server.url)
     return servers
 
 
-@contextlib.contextmanager
-def _stopping(server: ServerProcess) -> Iterator[ServerProcess]:
-    try:
-        yield server
-    finally:
-        code = server.stop()
-        log.debug("%s stopped with %s", server.name, code)
-
-
 def bench_arch(arch: str, args: Any, run: common.Run, *, tasks: int, requests: int, concurrency: int,
                repeats: int, policies: list[str], mixes: list[str], time_cap: float) -> dict[str, Any]:
     """All configurations of one backbone: store, servers, interleaved rounds, per-configuration rows."""
-    image_size = args.image_size or (CONV_IMAGE_SIZE if arch == "embedded" else None)
-    names = [task_name(i) for i in range(tasks)]
+    image_size = args.image_size or taskgen.default_image_size(arch)
+    names = [taskgen.task_name(i) for i in range(tasks)]
     images = photos(args.photo_px)
     per_request = args.images_per_request
     rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
-        facts = build_store(root / "store", arch, tasks=tasks, image_size=image_size, seed=args.seed)
+        facts = taskgen.build_store(root / "store", arch, tasks=tasks, distinct=tasks, image_size=image_size,
+                                    seed=args.seed)
         run.log.info("%s: %d tasks at %s px; starting %d servers", arch, tasks, facts["input_size"][1:],
                      len(policies) + (not args.no_baseline))
         servers = start_servers(policies, not args.no_baseline, root / "store", arch, args, run, root, stack)
@@ -443,7 +130,7 @@ def bench_arch(arch: str, args: Any, run: common.Run, *, tasks: int, requests: i
     rows = _rows(rounds, list(servers), mixes, per_request)
     goal = None
     if ("auto", "zipf") in rounds and ("auto", "single") in rounds:
-        goal = _paired([x["req_per_s"] for x in rounds["auto", "zipf"]],
+        goal = paired([x["req_per_s"] for x in rounds["auto", "zipf"]],
                        [x["req_per_s"] for x in rounds["auto", "single"]])
     return {"arch": arch, **facts, "tasks": tasks, "rows": rows, "memory": memory, "cost_model": costs,
             "server_commands": commands,
@@ -467,16 +154,16 @@ def _rows(rounds: dict[tuple[str, str], list[dict[str, Any]]], servers: list[str
                 "server": srv, "kind": "baseline" if srv == BASELINE else "repserve", "mix": mix,
                 "rounds": len(rs), "req_per_s": statistics.median(thr), "req_per_s_q1": q[0], "req_per_s_q3": q[2],
                 "images_per_s": statistics.median(x["images_per_s"] for x in rs),
-                **{p: _median([x[p] for x in rs]) for p in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "batch_mean",
+                **{p: median([x[p] for x in rs]) for p in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "batch_mean",
                                                             "mixed_share", "switches_per_request",
                                                             "server_cpu_ms_per_request")},
-                "server_ms": {k: _median([x["server_ms"][k] for x in rs]) for k in rs[0]["server_ms"]},
+                "server_ms": {k: median([x["server_ms"][k] for x in rs]) for k in rs[0]["server_ms"]},
                 "planned": sum(x["planned"] for x in rs), "sent": sum(x["sent"] for x in rs),
                 "ok": sum(x["ok"] for x in rs), "errors": sum(codes.values()), "error_codes": dict(codes),
                 "capped_rounds": sum(x["sent"] < x["planned"] for x in rs),
-                "vs_single": _paired(thr, [x["req_per_s"] for x in rounds[srv, "single"]])
+                "vs_single": paired(thr, [x["req_per_s"] for x in rounds[srv, "single"]])
                 if (srv, "single") in rounds else None,
-                "vs_baseline": _paired(thr, [x["req_per_s"] for x in rounds[BASELINE, mix]])
+                "vs_baseline": paired(thr, [x["req_per_s"] for x in rounds[BASELINE, mix]])
                 if srv != BASELINE and (BASELINE, mix) in rounds else None,
                 "per_round": rs,
             }
@@ -493,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--requests", type=int, help="requests per measured load (default 400; quick: 20)")
     p.add_argument("--concurrency", type=int, help="closed-loop clients (default 16; quick: 4)")
     p.add_argument("--images-per-request", type=int, default=1, help="images per request (>1: multipart)")
-    p.add_argument("--image-size", type=int, help=f"tasks' input size in px (default {CONV_IMAGE_SIZE} for the "
+    p.add_argument("--image-size", type=int, help=f"tasks' input size in px (default {taskgen.CONV_IMAGE_SIZE} for the "
                    "embedded backbone, the backbone's own otherwise)")
     p.add_argument("--photo-px", type=int, default=128, help="width of the JPEGs sent")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the zipf mix")
@@ -523,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run.note(f"servers run in {run.dtypes[0]} only")
     run.note("Client and servers share the machine: the load generator's own CPU time is part of every figure, "
              "alike for all servers. Latency is client-side (send to answer), throughput counts answered requests.")
-    with _sigterm_exits():
+    with sigterm_exits():
         per_arch = [bench_arch(a, args, run, tasks=pick["tasks"], requests=pick["requests"],
                                concurrency=pick["concurrency"], repeats=pick["repeats"], policies=pick["policies"],
                                mixes=args.mixes, time_cap=pick["time_cap"]) for a in archs]
@@ -538,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = {"archs": archs, **pick, "mixes": args.mixes, "zipf_s": args.zipf_s, "warmup_waves": args.warmup,
               "images_per_request": args.images_per_request, "photo_px": args.photo_px,
               "max_batch": args.max_batch, "baseline_max_batch": args.baseline_max_batch or args.max_batch,
-              "server_threads": args.threads, "service_args": args.service_args, "head_classes": HEAD_CLASSES,
+              "server_threads": args.threads, "service_args": args.service_args, "head_classes": taskgen.HEAD_CLASSES,
               "adapter": {"hidden": 8, "groups": 2, "scale": 1.0}, "dtype": run.dtypes[0]}
     return run.finish(config, results, render, plot)
 

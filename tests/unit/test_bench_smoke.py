@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a folder of scripts at the repo root, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import BENCHMARKS, inference, memory, report, serving, switch, training  # noqa: E402
+from bench import BENCHMARKS, inference, memory, report, scale, serving, switch, training  # noqa: E402
 
 QUICK = ["--quick", "--threads", "1", "--device", "cpu"]
 
@@ -29,7 +29,7 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        for module in (inference, switch, memory, serving, training):
+        for module in (inference, switch, memory, serving, scale, training):
             module.main([*QUICK, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -91,9 +91,13 @@ def test_memory_quick(results):
         assert positive(r["repserve_bytes"])
         assert positive(r["copies_bytes"])
         assert positive(r["copies_vs_repserve"])
-    # 10 tasks hold 10 bundles; the LRU holds min(N, 8) deltas
-    assert arch["rows"][1]["bundle_bytes"] == 10 * arch["bundle_bytes_per_task"]
-    assert arch["rows"][1]["delta_bytes"] == 8 * arch["delta_bytes_per_task"]
+    # the service's own objects: every task in the host tier (one buffer of the same size each), the device and
+    # live tiers within their settings and holding the merged working set
+    assert [r["tasks_host"] for r in arch["rows"]] == [1, 10]
+    assert arch["rows"][1]["bundle_bytes"] == 10 * arch["rows"][0]["bundle_bytes"]
+    for r in arch["rows"]:
+        assert 0 < r["device_tier_bytes"] <= 32 << 20
+        assert 0 < r["live_tier_bytes"] <= 16 << 20
     assert arch["rows"][1]["copies_extrapolated"]
     assert not arch["rows"][0]["copies_extrapolated"]
     assert all(math.isfinite(v) for v in arch["fit"].values())
@@ -123,6 +127,31 @@ def test_serving_quick_answers_every_request(results):
     assert all(m["rss_bytes"] > 0 for m in arch["memory"].values())
     assert set(res["goal"]["auto_zipf_vs_single"]) == {"embedded"}
     assert "| zipf | auto |" in serving.render(payload)
+
+
+def test_scale_quick_answers_every_request_within_the_budget(results):
+    payload = read(results, "scale")
+    res = payload["results"]
+    assert res["errors"] == 0
+    (n30,) = res["per_n"]
+    assert (n30["n"], n30["distinct_bundles"]) == (30, 16)
+    assert n30["cache_models"] == (64 << 20) // n30["model_bytes"] < 30  # the baseline must evict
+    assert sum(n30["tiers"].values()) <= 64 << 20
+    rows = {(r["server"], r["mix"]): r for r in n30["rows"]}
+    assert set(rows) == {(s, m) for s in (scale.REPSERVE, scale.BASELINE) for m in scale.MIXES}
+    for (server, _mix), r in rows.items():
+        assert r["ok"] > 0
+        assert all(positive(r[k]) for k in ("req_per_s", "p50_ms", "p99_ms", "rss_bytes"))
+        assert r["store_loads_per_request"] is not None
+        assert (r["vs_baseline"] is None) == (server == scale.BASELINE)
+    for server in (scale.REPSERVE, scale.BASELINE):
+        cold = n30["cold"][server]
+        assert cold["cold"]["n"] == cold["warm"]["n"] == 4
+        assert cold["cold"]["load_p50_ms"] > 0  # a cold task is loaded on its first request
+        assert positive(n30["startup"][server]["ready_s"])
+    assert n30["cold"][scale.REPSERVE]["warm"]["load_p50_ms"] < n30["cold"][scale.REPSERVE]["cold"]["load_p50_ms"]
+    assert set(res["goal"]) == {"30/zipf", "30/uniform"}
+    assert "| 30 | zipf | repserve |" in scale.render(payload)
 
 
 def test_training_quick(results):
