@@ -8,13 +8,13 @@ from .backbone import Backbone, load_backbone
 from .bundle import AdapterConfig, BackboneRef, Manifest, PackedBundle, TaskBundle
 from .inject import AdapterSlot, Site, add_adapters, attach_slots, clear_adapters
 from .merge import MergedWeights, TaskDelta, WeightSwitcher, algebraic_unmerge
-from .mixed import RowFold, mixed_batch
+from .mixed import PackedFolds, RowFold, mixed_batch
 from .preprocess import PreprocessConfig, build_transform, decode_image
 from .store import LocalStore
 
 __all__ = [
     "AdapterConfig", "AdapterSlot", "AdapterWeights", "Backbone", "BackboneRef", "LocalStore", "Manifest",
-    "MergedWeights", "PackedBundle", "PreprocessConfig", "RepAdapter", "RowFold", "Site", "TaskBundle", "TaskDelta",
-    "WeightSwitcher", "add_adapters", "algebraic_unmerge", "attach_slots", "build_transform", "clear_adapters",
-    "decode_image", "dense_up", "load_backbone", "mixed_batch",
+    "MergedWeights", "PackedBundle", "PackedFolds", "PreprocessConfig", "RepAdapter", "RowFold", "Site",
+    "TaskBundle", "TaskDelta", "WeightSwitcher", "add_adapters", "algebraic_unmerge", "attach_slots",
+    "build_transform", "clear_adapters", "decode_image", "dense_up", "load_backbone", "mixed_batch",
 ]

@@ -171,6 +171,34 @@ def _interned(layout: Layout) -> Layout:
     return layout
 
 
+@functools.lru_cache(maxsize=256)
+def _where(layout: Layout) -> dict[str, tuple[int, tuple[int, ...]]]:
+    return {key: (offset, shape) for key, offset, shape in layout}
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_problem(layout: Layout, groups: int, site_dims: tuple[tuple[str, int], ...], num_features: int) -> str:
+    """What keeps bundles of ``layout`` from fitting a backbone with ``site_dims``, or ``""``."""
+    shapes = {key: shape for key, _, shape in layout}
+    if shapes["head.weight"][1] != num_features:
+        return f"head takes {shapes['head.weight'][1]} features, the backbone gives {num_features}"
+    dims = dict(site_dims)
+    names = sorted({key[len("adapter."):].rpartition(".")[0] for key in shapes if key.startswith("adapter.")})
+    unknown = [n for n in names if n not in dims]
+    if unknown:
+        return f"adapters for sites this backbone does not have: {unknown[:5]}"
+    for name in names:
+        r = shapes[f"adapter.{name}.weight_a"][0]
+        want = {"weight_a": (r, dims[name]), "bias_a": (r,), "weight_b": (dims[name], r // groups),
+                "bias_b": (dims[name],)}
+        if groups < 1 or r % groups or dims[name] % groups:
+            return f"adapter {name}: hidden={r} and dim={dims[name]} must both be divisible by groups={groups}"
+        for param, shape in want.items():
+            if shapes[f"adapter.{name}.{param}"] != shape:
+                return f"adapter {name}: {param} has shape {shapes[f'adapter.{name}.{param}']}, expected {shape}"
+    return ""
+
+
 @dataclass(frozen=True, eq=False)
 class PackedBundle:
     """A verified bundle as ONE flat float32 buffer and its layout: the form for holding thousands of tasks.
@@ -236,7 +264,7 @@ class PackedBundle:
         if w.shape[0] != len(manifest.labels):
             raise BundleError(f"task {name!r}: head has {w.shape[0]} outputs but {len(manifest.labels)} labels")
         keys = sorted(tensors)
-        buffer = torch.cat([tensors[k].detach().to("cpu", torch.float32).reshape(-1) for k in keys])
+        buffer = torch.cat([tensors[k].detach().reshape(-1) for k in keys]).to("cpu", torch.float32)
         if not torch.isfinite(buffer).all():
             bad = next(k for k in keys if not torch.isfinite(tensors[k]).all())
             raise BundleError(f"task {name!r}: tensor {bad!r} is not finite (inf or NaN values)")
@@ -253,6 +281,26 @@ class PackedBundle:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
+
+    def tensor(self, key: str, buffer: Tensor | None = None) -> Tensor:
+        """One tensor by key, a view of ``buffer`` (default: this bundle's own)."""
+        offset, shape = _where(self.layout)[key]
+        buffer = self.buffer if buffer is None else buffer
+        return buffer[offset:offset + math.prod(shape)].view(shape)
+
+    def check_compatible(self, arch: str, fingerprint: str, sites: list[Site], num_features: int) -> None:
+        """:meth:`TaskBundle.check_compatible` from the layout alone (no tensor is touched), remembered per
+        layout: thousands of tasks of one backbone share a handful of layouts."""
+        ref = self.manifest.backbone
+        if ref.arch != arch or ref.fingerprint != fingerprint:
+            raise BackboneMismatch(
+                f"task {self.name!r} was trained for backbone {ref.arch} ({ref.fingerprint[:12]}), "
+                f"this server runs {arch} ({fingerprint[:12]})"
+            )
+        problem = _layout_problem(self.layout, self.manifest.adapter.groups,
+                                  tuple((s.name, s.dim) for s in sites), num_features)
+        if problem:
+            raise BundleError(f"task {self.name!r}: {problem}")
 
     def views(self, buffer: Tensor | None = None) -> dict[str, Tensor]:
         """Every tensor by key, as views of ``buffer`` (default: this bundle's own; or a copy of it, e.g.

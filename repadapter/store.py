@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import fsync_dir, write_file_atomic
 from .bundle import MANIFEST_FILE, TASK_NAME, TENSORS_FILE, Manifest, PackedBundle, TaskBundle, parse_manifest
 from .errors import BundleError, StoreError, TaskExists, TaskNotFound
 
@@ -78,31 +79,6 @@ class Catalog:
 
     def sorted(self) -> list[TaskEntry]:
         return [self.entries[n] for n in sorted(self.entries)]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part: a temp
-    file beside it, fsynced, renamed over it, and the directory fsynced. The temp file is removed on error."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -339,12 +315,12 @@ class LocalStore:
             try:
                 _write_file(tmp / TENSORS_FILE, data)
                 _write_file(tmp / MANIFEST_FILE, manifest_bytes)
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 task_dir = self.root / name
                 task_dir.mkdir(exist_ok=True)
                 os.rename(tmp, task_dir / _version_name(version))
-                _fsync_dir(task_dir)
-                _fsync_dir(self.root)
+                fsync_dir(task_dir)
+                fsync_dir(self.root)
                 self._update_catalog(name, before)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -361,7 +337,7 @@ class LocalStore:
             before = self.root.stat().st_mtime_ns
             grave = Path(tempfile.mkdtemp(prefix=f"deleted-{name}-", dir=self.root / ".tmp"))
             os.rename(d, grave / name)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._update_catalog(name, before)
         shutil.rmtree(grave, ignore_errors=True)
         log.info("deleted task=%s", name)
