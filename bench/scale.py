@@ -6,7 +6,10 @@ and two servers on loopback, started one after the other (start-up is timed alon
 - RepServe (``python -m service``, policy ``auto``) with its task tiers sized to ``--budget-mib``: host
   60%, device 25%, live 15% (``REPSERVE_*_CACHE_BYTES``);
 - the baseline (:mod:`bench.serving_baseline`): an LRU of K = budget / one model's bytes full models per
-  process, a task's model loaded from its file on a miss (Ray Serve multiplexing, TorchServe).
+  process, a task's model loaded from its file on a miss (Ray Serve multiplexing, TorchServe), in two
+  forms: ``baseline`` loads into the module of an evicted model (the strongest simple form: the goals are
+  measured against it) and ``baseline-new`` builds a new model per miss, as Ray Serve's documented
+  multiplexing does.
 Both batch up to ``--max-batch`` images per forward and run ``--threads`` torch threads.
 
 Measured per N:
@@ -47,7 +50,8 @@ from .servers import ServerProcess, sigterm_exits, stopping
 TITLE = "Many tasks per replica"
 NAME = "scale"
 log = logging.getLogger(f"bench.{NAME}")
-REPSERVE, BASELINE = "repserve", "baseline"
+REPSERVE, BASELINE, BASELINE_NEW = "repserve", "baseline", "baseline-new"
+BASELINES = {BASELINE: [], BASELINE_NEW: ["--no-reuse-modules"]}
 MIXES = ("zipf", "uniform")
 TIER_SHARES = {"host": 0.60, "device": 0.25, "live": 0.15}
 GOAL_MANY, GOAL_FEW, GOAL_P99 = 3.0, 1.0, 0.5
@@ -87,13 +91,14 @@ def cold_requests(server: ServerProcess, names: Sequence[str], image: bytes) -> 
 
 def store_loads(server: ServerProcess) -> float | None:
     """Tasks read from the store so far: RepServe's host-tier loads, the baseline's model loads."""
-    if server.name == BASELINE:
+    if server.name in BASELINES:
         body = server.readyz()
         return None if body is None else float(body["loads"])
     return server.counter("repserve_task_loads_total", tier="host") or 0.0
 
 
-def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget: int) -> dict[str, Any]:
+def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget: int,
+            baselines: dict[str, list[str]]) -> dict[str, Any]:
     """Every measurement at N tasks: store, servers one after the other, cold tasks, interleaved loads."""
     arch = args.archs[0] if args.archs else "embedded"
     names = [taskgen.task_name(i) for i in range(n)]
@@ -116,7 +121,9 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
                     *(f"--{tier}-cache-bytes={b}" for tier, b in tiers.items())]
         bl_flags = [*shared, "--models", str(root / "models"), "--cache-models", str(k), "--threads",
                     str(args.threads), "--max-batch", str(args.max_batch)]
-        for name, module, flags in ((REPSERVE, "service", rs_flags), (BASELINE, "bench.serving_baseline", bl_flags)):
+        starts = [(REPSERVE, "service", rs_flags)]
+        starts += [(name, "bench.serving_baseline", [*bl_flags, *extra]) for name, extra in baselines.items()]
+        for name, module, flags in starts:
             servers[name], seconds = start(name, module, flags, root, args.start_timeout, stack)
             startup[name] = {"ready_s": seconds, **servers[name].memory()}
             run.log.info("N=%d %s ready after %.1f s, RSS %.0f MiB", n, name, seconds,
@@ -146,10 +153,11 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
                 run.log.info("N=%d round %d %-8s %-7s %6.1f req/s p50 %.0f ms p99 %.0f ms loads/req %.2f errors %d",
                              n, r + 1, srv, mix, stats["req_per_s"], stats["p50_ms"] or 0, stats["p99_ms"] or 0,
                              stats["store_loads_per_request"] or 0, stats["errors"])
-        baseline_stats = servers[BASELINE].readyz() or {}
+        baseline_stats = {name: servers[name].readyz() or {} for name in baselines}
     rows = []
+    servers_order = [REPSERVE, *baselines]
     for mix in MIXES:
-        for srv in (REPSERVE, BASELINE):
+        for srv in servers_order:
             rs = rounds[srv, mix]
             thr = [x["req_per_s"] for x in rs]
             rows.append({
@@ -161,6 +169,8 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
                 "server_ms": {key: median([x["server_ms"][key] for x in rs]) for key in rs[0]["server_ms"]},
                 "vs_baseline": paired(thr, [x["req_per_s"] for x in rounds[BASELINE, mix]]) if srv == REPSERVE
                 else None,
+                "vs_baseline_new": paired(thr, [x["req_per_s"] for x in rounds[BASELINE_NEW, mix]])
+                if srv == REPSERVE and (BASELINE_NEW, mix) in rounds else None,
                 "p99_vs_baseline": _ratio(median([x["p99_ms"] for x in rs]),
                                           median([x["p99_ms"] for x in rounds[BASELINE, mix]]))
                 if srv == REPSERVE else None,
@@ -192,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--time-cap", type=float, help="seconds after which a load sends no new request")
     p.add_argument("--request-timeout", type=float, default=60.0, help="client timeout per request, seconds")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to be ready")
+    p.add_argument("--no-baseline-new", action="store_true", help="only the strongest baseline (module reuse)")
     threads = next(a for a in p._actions if a.dest == "threads")
     threads.default = max(1, threads.default - 1)
     threads.help = "torch threads of each server (default: usable CPUs - 1: the load generator needs a core)"
@@ -206,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              "disk or object storage on every miss.")
     run.note("Client and servers share the machine; servers are measured one at a time (the other idles).")
     with sigterm_exits():
-        per_n = [bench_n(n, args, run, pick=pick, budget=budget) for n in pick["tasks"]]
+        baselines = {k: v for k, v in BASELINES.items() if k == BASELINE or not args.no_baseline_new}
+        per_n = [bench_n(n, args, run, pick=pick, budget=budget, baselines=baselines) for n in pick["tasks"]]
     goal = {}
     for res in per_n:
         for mix in MIXES:
@@ -247,16 +259,18 @@ def render(payload: dict[str, Any]) -> str:
         "",
         f"Same task memory for both servers: {cfg['budget_mib']} MiB. RepServe's tiers: host "
         f"{common.fmt_bytes(first['tiers']['host'])}, device {common.fmt_bytes(first['tiers']['device'])}, live "
-        f"{common.fmt_bytes(first['tiers']['live'])}; the baseline: an LRU of K = {first['cache_models']} full models "
-        f"({common.fmt_bytes(first['model_bytes'])} each), loaded from their files on a miss. Closed loop: "
+        f"{common.fmt_bytes(first['tiers']['live'])}; the baselines: an LRU of K = {first['cache_models']} full models "
+        f"({common.fmt_bytes(first['model_bytes'])} each), loaded from their files on a miss into an evicted "
+        "model's module (`baseline`) or into a new model (`baseline-new`, as Ray Serve's multiplexing). Closed loop: "
         f"{cfg['concurrency']} clients, {cfg['requests']} requests per load (1 JPEG each), {cfg['repeats']} rounds, "
         f"{cfg['warmup_requests']} untimed requests before each load; Zipf s={cfg['zipf_s']}. *loads/req* = tasks "
         "read from the store per request (RepServe: into the host tier; the baseline: model loads).",
         "",
         common.md_table(
-            ["N", "mix", "server", "req/s", "vs baseline", "p50", "p99", "p99 vs baseline", "loads/req", "batch",
-             "RSS"],
-            [[res["n"], r["mix"], r["server"], f"{r['req_per_s']:.1f}", _x(r["vs_baseline"]), _ms(r["p50_ms"]),
+            ["N", "mix", "server", "req/s", "vs baseline", "vs baseline-new", "p50", "p99", "p99 vs baseline",
+             "loads/req", "batch", "RSS"],
+            [[res["n"], r["mix"], r["server"], f"{r['req_per_s']:.1f}", _x(r["vs_baseline"]),
+              _x(r.get("vs_baseline_new")), _ms(r["p50_ms"]),
               _ms(r["p99_ms"]), _x(r["p99_vs_baseline"]),
               "-" if r["store_loads_per_request"] is None else f"{r['store_loads_per_request']:.2f}",
               "-" if r["batch_mean"] is None else f"{r['batch_mean']:.1f}", common.fmt_bytes(r["rss_bytes"])]
@@ -286,17 +300,20 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     ns = [res["n"] for res in per_n]
     fig, grid = common.subplots(3, width=4.4)
     axes = grid[0]
-    styles = {REPSERVE: "tab:blue", BASELINE: "tab:red"}
+    styles = {REPSERVE: "tab:blue", BASELINE: "tab:red", BASELINE_NEW: "tab:orange"}
+    names = {REPSERVE: "RepServe", BASELINE: "LRU of full models", BASELINE_NEW: "LRU, new model per miss"}
     for srv, color in styles.items():
+        if not all(any(r["server"] == srv for r in res["rows"]) for res in per_n):
+            continue
         for mix, marker in zip(MIXES, ("o", "s"), strict=True):
             rows = [next(r for r in res["rows"] if r["server"] == srv and r["mix"] == mix) for res in per_n]
-            label = f"{'RepServe' if srv == REPSERVE else 'LRU of full models'}, {mix}"
+            label = f"{names[srv]}, {mix}"
             axes[0].plot(ns, [r["req_per_s"] for r in rows], marker=marker, color=color, label=label,
                          ls="-" if mix == "zipf" else "--")
             axes[1].plot(ns, [r["p99_ms"] or 0 for r in rows], marker=marker, color=color, label=label,
                          ls="-" if mix == "zipf" else "--")
         axes[2].plot(ns, [res["startup"][srv]["ready_s"] for res in per_n], marker="o", color=color,
-                     label="RepServe" if srv == REPSERVE else "LRU of full models")
+                     label=names[srv])
     axes[0].set(title="throughput", ylabel="requests/s", xlabel="tasks N")
     axes[1].set(title="p99 latency", ylabel="ms", xlabel="tasks N")
     axes[2].set(title="start-up (to ready)", ylabel="s", xlabel="tasks N")

@@ -1,4 +1,5 @@
-"""Server processes for the serving benchmarks: each on a free loopback port, stopped in every case.
+"""Server processes for the serving benchmarks and the integration tests: each on a free loopback port,
+stopped in every case.
 
 A server's output goes to a log file; it gets SIGTERM when the benchmark dies (even by SIGKILL, Linux
 ``PR_SET_PDEATHSIG``), so none outlives a run. Also read here: a server's RSS and CPU time from
@@ -67,18 +68,22 @@ class ServerProcess:
     :meth:`stop` sends SIGTERM, then kills after a grace period; call it in a ``finally`` (``ExitStack``).
     """
 
-    def __init__(self, name: str, module: str, args: Sequence[str], log_path: Path) -> None:
+    def __init__(self, name: str, module: str, args: Sequence[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.port = name, free_port()
         self.command = shlex.join(["python", "-m", module, *args])  # as recorded: without the loopback port
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.cmd, cwd=common.ROOT, env=common.child_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=_parent_death_signal())
+        self.proc = subprocess.Popen(self.cmd, cwd=common.ROOT, env={**common.child_env(), **(env or {})},
+                                     stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_parent_death_signal())
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
 
     def wait_ready(self, timeout: float) -> float:
         """Seconds until ``/readyz`` answered 200; raises (with the log's tail) on exit or timeout."""

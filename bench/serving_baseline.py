@@ -7,7 +7,8 @@ its own file on a miss (what Ray Serve model multiplexing and TorchServe's per-m
   into the module of a model evicted earlier that no request uses any more (a new copy of the backbone only
   when there is none), in a loader thread, once per task however many requests wait for it, while the
   inference thread keeps serving the models it holds. That is stronger than what users deploy: Ray Serve's
-  documented multiplexing constructs and loads a new model per miss, on the replica's own event loop.
+  documented multiplexing constructs and loads a new model per miss, on the replica's own event loop
+  (``--no-reuse-modules``: a new model, a deep copy of the backbone, per miss).
 - Cache: ``--cache-models K`` (0: no bound); ``--preload`` loads every task at start (the
   one-model-copy-per-task server of ``bench.serving``).
 - Requests are decoded and preprocessed exactly as RepServe does (:func:`repadapter.decode_image`,
@@ -76,8 +77,9 @@ class ModelCache:
     server can make a miss. Thread-safe; :meth:`acquire` / :meth:`release` bracket every use of a model."""
 
     def __init__(self, template: nn.Module, models: Path, *, capacity: int, device: str, dtype: torch.dtype,
-                 loader_threads: int = 2) -> None:
+                 reuse_modules: bool = True, loader_threads: int = 2) -> None:
         self.template = copy.deepcopy(template).to(device, dtype).eval()
+        self.reuse_modules = reuse_modules
         self.models, self.capacity, self.device, self.dtype = models, capacity, device, dtype
         self._cache: OrderedDict[str, TaskModel] = OrderedDict()
         self._free: list[nn.Module] = []  # modules of evicted models nobody uses any more
@@ -126,7 +128,7 @@ class ModelCache:
     def release(self, tm: TaskModel) -> None:
         with self._lock:
             tm.users -= 1
-            if tm.users == 0 and not tm.cached:
+            if tm.users == 0 and not tm.cached and self.reuse_modules:
                 self._free.append(tm.model)
 
     def _load_and_keep(self, task: str) -> TaskModel:
@@ -155,7 +157,7 @@ class ModelCache:
             _, old = self._cache.popitem(last=False)
             old.cached = False
             self.evictions += 1
-            if old.users == 0:
+            if old.users == 0 and self.reuse_modules:
                 self._free.append(old.model)
 
     def stats(self) -> dict[str, Any]:
@@ -343,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", type=Path, required=True, help="<task>.safetensors per task (bench.taskgen)")
     p.add_argument("--cache-models", type=int, default=0, help="most models held at once, LRU (0: no bound)")
     p.add_argument("--preload", action="store_true", help="load every task's model at start")
+    p.add_argument("--reuse-modules", action=argparse.BooleanOptionalAction, default=True,
+                   help="load a missed model into an evicted one's module (else build a new model per miss, as "
+                   "Ray Serve's multiplexing does)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backbone", default="embedded", help="as RepServe's --backbone (the models' architecture)")
@@ -362,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not manifests:
         raise SystemExit(f"no tasks in {args.store}")
     base = load_backbone(args.backbone, device="cpu", seed=args.seed)
-    cache = ModelCache(base.model, args.models, capacity=args.cache_models, device=args.device, dtype=dtype)
+    cache = ModelCache(base.model, args.models, capacity=args.cache_models, device=args.device, dtype=dtype,
+                       reuse_modules=args.reuse_modules)
     if args.preload:
         for task in manifests:
             cache.put(cache.load(task))

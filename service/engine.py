@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest, RowFold, mixed_batch
+from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest, mixed_batch
 from repadapter.bundle import PackedBundle
 from repadapter.errors import BundleError, RepServeError
 from repadapter.inject import Site
+from repadapter.mixed import PackedFolds
 
 from .batcher import Batch, Mode, Scheduler, WorkItem
 from .errors import InferenceFailed, InferenceTimeout, NotReady, ShuttingDown, TaskUnavailable
@@ -331,7 +332,7 @@ class Engine:
             return
         end = time.perf_counter()
         size, tasks = sum(j.x.shape[0] for j in jobs), {j.task.key for j in jobs}
-        if batch.mode == "merged" or any(j.entry.folds for j in jobs):
+        if batch.mode == "merged" or any(j.entry.folds is not None for j in jobs):
             self.costs.observe_batch(batch.mode, jobs[0].task.shape, size, end - forward_start)
         m = self.metrics
         m.inference_duration.labels(mode=batch.mode).observe(end - start)
@@ -339,7 +340,7 @@ class Engine:
         m.batch_tasks.labels(mode=batch.mode).observe(len(tasks))
         for item, job, preds in zip(items, jobs, predictions, strict=True):
             waited = started - item.enqueued
-            m.queue_duration.labels(task=job.task.name).observe(waited)
+            m.queue_duration.observe(waited)
             m.images.labels(task=job.task.name).inc(len(preds))
             self._answer(job, _ChunkResult(preds, waited, end - start, size, batch.mode))
         log.debug("batch mode=%s size=%d tasks=%d seconds=%.4f", batch.mode, size, len(tasks), end - start)
@@ -387,7 +388,7 @@ class Engine:
     def _forward_mixed(self, jobs: list[_Job]) -> Tensor:
         x = torch.cat([j.x for j in jobs])
         tasks: dict[tuple[str, int, int], int] = {}
-        adapters: list[dict[str, RowFold]] = []
+        adapters: list[PackedFolds | None] = []
         rows: list[int] = []
         for job in jobs:
             if job.task.key not in tasks:
@@ -466,7 +467,7 @@ class Engine:
         self._activate(task, entry)
         self._activate(None, None)
         rows = torch.arange(n, device=self.device) % 2
-        with mixed_batch(self.sites, [entry.folds, {}], rows):
+        with mixed_batch(self.sites, [entry.folds, None], rows):
             self._forward(x)
             self.costs.observe_batch("mixed", shape, n, _timed(lambda: self._forward(x), self._sync))
 

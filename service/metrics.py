@@ -37,13 +37,15 @@ class Metrics:
         self.requests = Counter(
             "repserve_requests_total", "Classification requests by task and HTTP status code "
             "(task is `unknown` for names that are not served).", ["task", "code"], registry=r)
+        # Per-task series are counters only: a histogram per task is ~17 series each, which thousands of
+        # tasks per replica would turn into hundreds of thousands (the latency histograms are per replica).
         self.request_duration = Histogram(
-            "repserve_request_duration_seconds", "Classification latency, end to end, by task.",
-            ["task"], buckets=LATENCY_BUCKETS, registry=r)
+            "repserve_request_duration_seconds", "Classification latency, end to end.",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("repserve_images_total", "Images classified, by task.", ["task"], registry=r)
         self.queue_duration = Histogram(
             "repserve_queue_duration_seconds", "Time a request chunk waited in its task queue.",
-            ["task"], buckets=LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS, registry=r)
         self.inference_duration = Histogram(
             "repserve_inference_duration_seconds", "Time of one batch: weight switch, forward and heads.",
             ["mode"], buckets=LATENCY_BUCKETS, registry=r)

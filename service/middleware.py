@@ -20,7 +20,7 @@ CLASSIFY_PATH = "/classify"
 
 class MetricsMiddleware:
     """``repserve_http_*`` for every request; ``repserve_requests_total`` and
-    ``repserve_request_duration_seconds`` by task for /classify.
+    ``repserve_request_duration_seconds`` for /classify.
 
     ``task_label`` maps the requested task name to a bounded label (served name or ``unknown``).
     """
@@ -56,4 +56,4 @@ class MetricsMiddleware:
             m.http_duration.labels(handler=handler).observe(elapsed)
             if task is not None:
                 m.requests.labels(task=task, code=str(status)).inc()
-                m.request_duration.labels(task=task).observe(elapsed)
+                m.request_duration.observe(elapsed)

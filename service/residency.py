@@ -33,10 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from repadapter import AdapterWeights, LocalStore, RowFold, TaskDelta, WeightSwitcher
+from repadapter import AdapterWeights, LocalStore, TaskDelta, WeightSwitcher
 from repadapter.bundle import PackedBundle
 from repadapter.errors import RepServeError, TaskNotFound
 from repadapter.merge import MergedWeights
+from repadapter.mixed import PackedFolds
 
 from .errors import TaskUnavailable
 from .lru import ByteLRU, CacheStats
@@ -62,22 +63,25 @@ def _storage_nbytes(tensors: list[Tensor]) -> int:
 class DeviceTask:
     """A task ready to serve on the serving device: what merged and mixed batches need.
 
-    ``adapters`` stay float32 (views of one buffer: one host-to-device copy), because the merged fold is
-    computed from them; ``folds`` (mixed batches) and the head are in the serving dtype. On a CPU in
-    float32 they are views of the host tier's buffer: no copy at all (the bytes are then counted in both
-    tiers, so the sum of the tiers is an upper bound).
+    ``packed`` is the bundle with its float32 buffer on the device (one host-to-device copy; the merged fold
+    is computed from it); ``folds`` (mixed batches; ``None`` without adapters) and the head are in the
+    serving dtype. On a CPU in float32 the buffer and the head are the host tier's own (no copy; the bytes
+    are then counted in both tiers, so the sum of the tiers is an upper bound).
     """
 
-    adapters: dict[str, AdapterWeights]
-    folds: dict[str, RowFold]
+    packed: PackedBundle
+    folds: PackedFolds | None
     head_weight: Tensor  # [C, F]
     head_bias: Tensor  # [C]
     delta: TaskDelta | None = None  # the merged fold: at first merged use (or at load, ``eager_fold``)
 
+    def adapters(self) -> dict[str, AdapterWeights]:
+        """The adapters as views of the device buffer (float32): the merged fold's input."""
+        return self.packed.unpack().adapters
+
     def nbytes(self) -> int:
-        tensors = [self.head_weight, self.head_bias]
-        tensors += [t for w in self.adapters.values() for t in w.tensors().values()]
-        tensors += [t for f in self.folds.values() for t in f.tensors()]
+        tensors = [self.packed.buffer, self.head_weight, self.head_bias]
+        tensors += [self.folds.buffer] if self.folds is not None else []
         if self.delta is not None:
             tensors += [t for d in self.delta.targets.values() for t in (d.u, d.a, *d.dc_parts)]
         return _storage_nbytes(tensors)
@@ -158,16 +162,18 @@ class Residency:
                 tier.pop(task.key)
 
     def build(self, packed: PackedBundle, *, fold: bool) -> DeviceTask:
-        """A task's device form: one copy of its buffer to the device, row folds and head in the serving
-        dtype, and (``fold``) its merged fold, which also checks that folding does not overflow."""
-        bundle = packed.unpack(packed.buffer.to(self.device))
+        """A task's device form: one copy of its buffer to the device, its row folds (one buffer, a few
+        indexed ops) and head in the serving dtype, and (``fold``) its merged fold, which also checks that
+        folding does not overflow."""
+        on_device = PackedBundle(packed.manifest, packed.buffer.to(self.device), packed.layout)
+        adapted = bool(packed.manifest.adapter.hidden)
         entry = DeviceTask(
-            adapters=bundle.adapters,
-            folds={site: RowFold.of(w.to(dtype=self.dtype)) for site, w in bundle.adapters.items()},
-            head_weight=bundle.head_weight.to(self.dtype), head_bias=bundle.head_bias.to(self.dtype),
+            packed=on_device, folds=PackedFolds.of(on_device, dtype=self.dtype) if adapted else None,
+            head_weight=on_device.tensor("head.weight").to(self.dtype),
+            head_bias=on_device.tensor("head.bias").to(self.dtype),
         )
-        if fold and entry.adapters:
-            entry.delta = self.switcher.prepare(packed.name, entry.adapters)
+        if fold and adapted:
+            entry.delta = self.switcher.prepare(packed.name, entry.adapters())
         return entry
 
     def resident(self, task: TaskRef) -> DeviceTask | None:
@@ -253,7 +259,7 @@ class Residency:
         """The task's merged fold, computed on first use and kept with its device entry."""
         if entry.delta is None:
             try:
-                entry.delta = self.switcher.prepare(task.name, entry.adapters)
+                entry.delta = self.switcher.prepare(task.name, entry.adapters())
             except RepServeError as e:
                 self.forget([task])
                 raise self._fail(task, e.code, f"task {task.name!r} version {task.version} cannot be merged: "

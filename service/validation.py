@@ -49,8 +49,7 @@ class TaskValidator:
     def check_bundle(self, packed: PackedBundle) -> None:
         """Every check of a task's tensors against this backbone (raises BundleError / BackboneMismatch)."""
         self.check_manifest(packed.manifest)
-        bundle = packed.unpack()
-        bundle.check_compatible(self.arch, self.fingerprint, self.sites, self.num_features)
+        packed.check_compatible(self.arch, self.fingerprint, self.sites, self.num_features)
         if self.dtype != torch.float32 and not torch.isfinite(packed.buffer.to(self.dtype)).all():
             bad = next(k for k, t in packed.views().items() if not torch.isfinite(t.to(self.dtype)).all())
             raise BundleError(f"task {packed.name!r}: tensor {bad!r} overflows the serving dtype {self.dtype}")

@@ -53,6 +53,22 @@ def one_torch_thread() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module")
+def model():
+    """An offline copy of the service tests' tiny ViT (``tests.servicekit.Model``): bundles and references."""
+    from tests.servicekit import TINY_ARCH, TINY_OPTIONS, Model
+
+    return Model.load(TINY_ARCH, **TINY_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def images(photos) -> list[bytes]:
+    """Two real photos as small JPEGs, the request bodies of the service tests."""
+    from tests.servicekit import encode
+
+    return [encode(p, "JPEG", (96, 72)) for p in photos[:2]]
+
+
 @pytest.fixture
 def store(tmp_path) -> LocalStore:
     return LocalStore(tmp_path / "store")

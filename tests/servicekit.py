@@ -12,8 +12,9 @@ import io
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from repadapter import (
     AdapterConfig,
     Backbone,
     BackboneRef,
+    LocalStore,
     Manifest,
     TaskBundle,
     WeightSwitcher,
@@ -32,6 +34,9 @@ from repadapter import (
     load_backbone,
 )
 from repadapter.inject import Site
+from service.lifecycle import Runtime
+from service.metrics import Metrics
+from service.settings import Settings
 from tests.conftest import random_adapters
 
 TINY_ARCH = "vit_tiny_patch16_224"
@@ -159,3 +164,33 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def stored(root: Path, bundles: Iterable[TaskBundle]) -> LocalStore:
+    """A store at ``root`` holding ``bundles`` (version 1 each)."""
+    store = LocalStore(root)
+    for bundle in bundles:
+        store.put(bundle)
+    return store
+
+
+@contextlib.contextmanager
+def runtimes(store: Path, **defaults: object) -> Iterator[Callable[..., Runtime]]:
+    """Factory of started, ready runtimes on the tiny ViT over ``store`` (settings: the tiny backbone, no store
+    polling, ``defaults``, then the call's own); every one is closed at the end."""
+    started: list[Runtime] = []
+
+    def make(**overrides: object) -> Runtime:
+        settings = Settings(**{"backbone": TINY_ARCH, "backbone_options": TINY_OPTIONS, "store": store,
+                               "store_poll_s": 0, **defaults, **overrides})
+        runtime = Runtime(settings, Metrics())
+        started.append(runtime)
+        runtime.initialize()
+        assert runtime.ready.is_set(), runtime.failure
+        return runtime
+
+    try:
+        yield make
+    finally:
+        for runtime in started:
+            runtime.close()

@@ -9,8 +9,6 @@ any moment leaves the previous checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from repadapter.atomic import write_file_atomic
 from repadapter.errors import CheckpointError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -29,17 +28,7 @@ def save_checkpoint(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]
     """Atomically write ``tensors`` (moved to CPU) and JSON-able ``meta`` to ``path``."""
     data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                    metadata={_META_KEY: json.dumps({"format": FORMAT, **meta})})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, data)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from repadapter.atomic import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +22,7 @@ PLOT_FILE = "curves.png"
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON, atomically (a reader never sees half a report)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def plot_curves(path: Path, history: list[dict[str, Any]], title: str,

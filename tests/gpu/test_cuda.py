@@ -12,12 +12,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from repadapter import LocalStore, WeightSwitcher, attach_slots
+from repadapter import WeightSwitcher, attach_slots
 from service.lifecycle import Runtime
-from service.metrics import Metrics
-from service.settings import Settings
 from tests.conftest import random_adapters
-from tests.servicekit import TINY_ARCH, TINY_OPTIONS, Model, assert_predictions, encode
+from tests.servicekit import assert_predictions, runtimes, stored
 from tests.unit.test_service_engine import classify
 
 pytestmark = [pytest.mark.gpu,
@@ -27,17 +25,7 @@ TASKS = {"a": 1, "b": 2, "c": 3}
 
 
 @pytest.fixture(scope="module")
-def model() -> Model:
-    return Model.load(TINY_ARCH, **TINY_OPTIONS)  # the CPU reference
-
-
-@pytest.fixture(scope="module")
-def images(photos) -> list[bytes]:
-    return [encode(p, "JPEG", (96, 72)) for p in photos[:2]]
-
-
-@pytest.fixture(scope="module")
-def bundles(model):
+def bundles(model):  # model: the CPU reference
     out = {name: model.bundle(name, seed) for name, seed in TASKS.items()}
     out["probe"] = model.bundle("probe", 4, adapters=False)
     return out
@@ -45,23 +33,8 @@ def bundles(model):
 
 @pytest.fixture
 def make_runtime(tmp_path, bundles) -> Iterator[Callable[..., Runtime]]:
-    store = LocalStore(tmp_path / "store")
-    for b in bundles.values():
-        store.put(b)
-    started: list[Runtime] = []
-
-    def make(**overrides: object) -> Runtime:
-        settings = Settings(backbone=TINY_ARCH, backbone_options=TINY_OPTIONS, store=store.root, store_poll_s=0,
-                            device="cuda", **{"max_delay_ms": 20.0, **overrides})
-        runtime = Runtime(settings, Metrics())
-        started.append(runtime)
-        runtime.initialize()
-        assert runtime.ready.is_set(), runtime.failure
-        return runtime
-
-    yield make
-    for runtime in started:
-        runtime.close()
+    with runtimes(stored(tmp_path / "store", bundles.values()).root, device="cuda", max_delay_ms=20.0) as make:
+        yield make
 
 
 @pytest.mark.parametrize("policy", ["merged", "mixed", "auto"])

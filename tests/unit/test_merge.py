@@ -12,7 +12,9 @@ import torch
 from repadapter import RepAdapter, RowFold, WeightSwitcher, algebraic_unmerge, attach_slots, clear_adapters, mixed_batch
 from repadapter.errors import BundleError, UnsupportedBackbone
 from repadapter.merge import fold_delta, pack_tensors
+from repadapter.mixed import PackedFolds
 from tests.conftest import TINY_VITS, image_batch, random_adapters, rel_err
+from tests.unit.test_bundle import make_bundle
 
 
 def _head(num_features: int, classes: int = 10, seed: int = 0) -> torch.nn.Linear:
@@ -376,3 +378,32 @@ def test_reset_restores_every_target_after_a_partial_switch(tiny_vit):
     sw.reset()
     assert sw.is_base
     assert sw.drift() == 0.0
+
+
+@pytest.mark.parametrize(("arch", "groups"),
+                         [("vit_tiny_patch16_224", 2), ("embedded", 2), ("vit_tiny_patch16_224", 1)])
+def test_packed_folds_equal_per_site_folds_and_serve_mixed_batches(tiny_vit, embedded, photos, arch, groups):
+    """A task's folds computed in one buffer with indexed ops equal :meth:`RowFold.of` per site, and a mixed
+    batch of packed tasks (one stack, one gather) equals each task merged; a task without adapters is None."""
+    bb = embedded if arch == "embedded" else tiny_vit(arch)
+    sites = attach_slots(bb.model)
+    tasks = [random_adapters(sites, seed=50 + i, groups=groups, scale=0.7, std=0.05) for i in range(2)]
+    packed = []
+    for i, t in enumerate(tasks):
+        bundle = make_bundle(bb, sites, f"t{i}", seed=i)
+        bundle.adapters = t
+        bundle.manifest = bundle.manifest.model_copy(update={"adapter": bundle.manifest.adapter.model_copy(
+            update={"groups": groups, "scale": 0.7})})
+        packed.append(PackedFolds.of(bundle.pack()))
+    for t, p in zip(tasks, packed, strict=True):
+        got = p.sites()
+        assert set(got) == set(t)
+        for name, w in t.items():
+            ref = RowFold.of(w)
+            for x, y in zip(got[name].tensors(), ref.tensors(), strict=True):
+                assert rel_err(x, y) < 1e-6
+    x = image_batch(photos, bb)
+    rows = torch.tensor([1, 2, 0, 1])
+    with torch.no_grad(), mixed_batch(sites, [*packed, None], rows):
+        mixed = bb.model(x)
+    _assert_rows_are_merged(bb, sites, [*tasks, {}], rows, x, mixed)

@@ -463,8 +463,8 @@ def test_metrics(client, images):
     client.post("/classify?task=unseen", files=files(images[0]))
     assert metric(client, "repserve_requests_total", task="a", code="200") == before + 2
     assert metric(client, "repserve_requests_total", task="unknown", code="404") >= 1
-    assert metric(client, "repserve_request_duration_seconds_count", task="a") >= before + 2
-    assert metric(client, "repserve_queue_duration_seconds_count", task="a") >= 2
+    assert metric(client, "repserve_request_duration_seconds_count") >= before + 2
+    assert metric(client, "repserve_queue_duration_seconds_count") >= 2
     assert metric(client, "repserve_batch_size_count", 0.0, mode="merged") + \
         metric(client, "repserve_batch_size_count", 0.0, mode="mixed") >= 2
     assert metric(client, "repserve_tasks_loaded") == len(client.get("/tasks").json()["tasks"])

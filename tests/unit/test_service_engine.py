@@ -8,28 +8,15 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from repadapter import LocalStore
 from repadapter.errors import TaskNotFound
 from service.errors import InferenceFailed, InferenceTimeout, QueueFull, ShuttingDown
 from service.lifecycle import Runtime
-from service.metrics import Metrics
-from service.settings import Settings
-from tests.servicekit import TINY_ARCH, TINY_OPTIONS, Model, assert_predictions, encode
+from tests.servicekit import assert_predictions, runtimes, stored
 
 TASKS = {"a": 1, "b": 2, "c": 3}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model() -> Model:
-    return Model.load(TINY_ARCH, **TINY_OPTIONS)
-
-
-@pytest.fixture(scope="module")
-def images(photos) -> list[bytes]:
-    return [encode(p, "JPEG", (96, 72)) for p in photos[:2]]
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +29,8 @@ def bundles(model):
 @pytest.fixture
 def make_runtime(tmp_path, bundles) -> Iterator[Callable[..., Runtime]]:
     """Factory: a started, warmed-up Runtime over a store holding ``bundles``."""
-    store = LocalStore(tmp_path / "store")
-    for b in bundles.values():
-        store.put(b)
-    started: list[Runtime] = []
-
-    def make(**overrides: object) -> Runtime:
-        settings = Settings(backbone=TINY_ARCH, backbone_options=TINY_OPTIONS, store=store.root, store_poll_s=0,
-                            **{"max_delay_ms": 50.0, **overrides})
-        runtime = Runtime(settings, Metrics())
-        started.append(runtime)
-        runtime.initialize()
-        assert runtime.ready.is_set(), runtime.failure
-        return runtime
-
-    yield make
-    for runtime in started:
-        runtime.close()
+    with runtimes(stored(tmp_path / "store", bundles.values()).root, max_delay_ms=50.0) as make:
+        yield make
 
 
 def tensor(runtime: Runtime, name: str, images: list[bytes]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -12,25 +13,14 @@ import torch
 
 from repadapter import LocalStore
 from repadapter.errors import BackboneMismatch
+from service.errors import InferenceTimeout
 from service.lifecycle import Runtime
-from service.metrics import Metrics
-from service.settings import Settings
-from tests.servicekit import TINY_ARCH, TINY_OPTIONS, Model, assert_predictions, encode
+from tests.servicekit import assert_predictions, runtimes, stored, wait_for
 from tests.unit.test_service_engine import classify
 
 TASKS = {"a": 1, "b": 2, "c": 3, "d": 4}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model() -> Model:
-    return Model.load(TINY_ARCH, **TINY_OPTIONS)
-
-
-@pytest.fixture(scope="module")
-def images(photos) -> list[bytes]:
-    return [encode(p, "JPEG", (96, 72)) for p in photos[:2]]
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +30,13 @@ def bundles(model):
 
 @pytest.fixture
 def store(tmp_path, bundles) -> LocalStore:
-    store = LocalStore(tmp_path / "store")
-    for b in bundles.values():
-        store.put(b)
-    return store
+    return stored(tmp_path / "store", bundles.values())
 
 
 @pytest.fixture
 def make_runtime(store) -> Iterator[Callable[..., Runtime]]:
-    started: list[Runtime] = []
-
-    def make(**overrides: object) -> Runtime:
-        settings = Settings(backbone=TINY_ARCH, backbone_options=TINY_OPTIONS, store=store.root, store_poll_s=0,
-                            builtin_task="", **{"max_delay_ms": 1.0, **overrides})
-        runtime = Runtime(settings, Metrics())
-        started.append(runtime)
-        runtime.initialize()
-        assert runtime.ready.is_set(), runtime.failure
-        return runtime
-
-    yield make
-    for runtime in started:
-        runtime.close()
+    with runtimes(store.root, builtin_task="", max_delay_ms=1.0) as make:
+        yield make
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +157,37 @@ def test_delete_and_replace_drop_the_old_versions_from_every_tier(make_runtime, 
     assert runtime.residency.tier(new) == "device"  # registered tasks are admitted, not read back
     runtime.delete("a")
     assert all(new.key not in tier for tier in (runtime.residency.host, runtime.residency.on_device))
+
+
+def test_a_slow_cold_load_blocks_neither_other_tasks_nor_past_the_request_timeout(make_runtime, model, bundles,
+                                                                                   images, monkeypatch):
+    """While one task's bundle is being read (held here on a gate), resident tasks are served; a request
+    that waits for the load longer than the request timeout gets 503 ``timeout``, and the load still lands."""
+    runtime = make_runtime(policy="auto", request_timeout_s=2.0)
+    asyncio.run(classify(runtime, "a", images))  # resident
+    gate = threading.Event()
+    read = runtime.store.get_packed
+
+    def slow(name: str, version: int | None = None):
+        if name == "b":
+            gate.wait(10)
+        return read(name, version)
+
+    monkeypatch.setattr(runtime.store, "get_packed", slow)
+
+    async def run():
+        cold = asyncio.create_task(classify(runtime, "b", images))
+        await asyncio.sleep(0.05)
+        warm = await classify(runtime, "a", images)  # served while b's load waits
+        assert not cold.done()
+        with pytest.raises(InferenceTimeout, match="was not loaded within"):
+            await cold
+        gate.set()
+        return warm
+
+    warm = asyncio.run(run())
+    assert_predictions(warm.predictions, model.predict(bundles["a"], images))
+    wait_for(lambda: runtime.residency.tier(runtime.registry.get("b")) == "device", 10, "the load to land")
+    again = asyncio.run(classify(runtime, "b", images))
+    assert_predictions(again.predictions, model.predict(bundles["b"], images))
+    assert again.load_s < 0.05  # resident now
