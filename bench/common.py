@@ -28,7 +28,16 @@ from typing import Any
 
 import torch
 
-from repadapter import Backbone, load_backbone
+from repadapter import (
+    AdapterConfig,
+    AdapterWeights,
+    Backbone,
+    BackboneRef,
+    Manifest,
+    PackedFolds,
+    TaskBundle,
+    load_backbone,
+)
 from repadapter.testing import random_adapters  # noqa: F401 - the benchmarks' adapters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +71,17 @@ def load(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> 
         return load_backbone(arch_name(name), device=str(device), dtype=dtype, seed=seed)
     finally:
         logger.setLevel(level)
+
+
+def served_folds(bb: Backbone, adapters: dict[str, AdapterWeights], device: torch.device,
+                 dtype: torch.dtype) -> PackedFolds:
+    """``adapters`` as the service's device tier holds them for mixed batches (a task's bundle, packed)."""
+    w = next(iter(adapters.values()))
+    manifest = Manifest(name="bench", labels=["x"], adapter=AdapterConfig(hidden=w.hidden, groups=w.groups,
+                                                                          scale=w.scale),
+                        backbone=BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint))
+    packed = TaskBundle(manifest, adapters, torch.zeros(1, bb.num_features), torch.zeros(1)).pack()
+    return PackedFolds.of(packed, packed.buffer.to(device), dtype)
 
 
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -5,8 +5,9 @@ Per backbone, dtype and batch size, five variants run interleaved in the same ro
 - ``merged``: RepServe serving one task: slots attached (empty slots keep no hooks), task folded in by
   :class:`WeightSwitcher` (what the engine runs for a batch of one task);
 - ``unmerged``: the task's adapters run in the forward, base weights live (what PEFT-style serving does);
-- ``mixed``: :func:`mixed_batch` with the rows spread over ``--mixed-tasks`` tasks; the per-batch stacking
-  of the tasks' adapters is inside the clock, since the engine pays it on every mixed batch;
+- ``mixed``: :func:`mixed_batch` with the rows spread over ``--mixed-tasks`` tasks, each held as the
+  service holds it (:class:`PackedFolds`); the per-batch stack and gather of their folds is inside the
+  clock, since the engine pays it on every mixed batch;
 - ``plain_again``: a second copy of the plain backbone, an A/A control: its ratio to ``plain`` is the run's
   noise floor, the layout of another copy of the same weights in memory included (``merged`` is a copy too).
 Figures: images/s and batch latency (medians over rounds) and each variant's speed relative to
@@ -56,12 +57,13 @@ def build_variants(name: str, device: torch.device, dtype: torch.dtype, seed: in
     tasks = [common.random_adapters(merged_sites, seed + 1 + i) for i in range(n_tasks)]
     switcher = WeightSwitcher(merged_sites, pack=True)  # the service's layout: weights in one buffer
     switcher.activate(switcher.prepare("task0", {k: w.to(device) for k, w in tasks[0].items()}))
-    device_tasks = [{k: w.to(device, dtype) for k, w in t.items()} for t in tasks]  # as a registry holds them
+    device_tasks = [{k: w.to(device, dtype) for k, w in t.items()} for t in tasks]
+    served = [common.served_folds(bb, t, device, dtype) for t in tasks]  # as the device tier holds them
     for site in adapted_sites:
         site.slot.adapter = RepAdapter.from_weights(device_tasks[0][site.name], site.layout).eval()
 
     def mixed(x: Tensor, rows: Tensor) -> Tensor:
-        with mixed_batch(adapted_sites, device_tasks, rows):
+        with mixed_batch(adapted_sites, served, rows):
             return adapted(x)
 
     fns = {
