@@ -31,7 +31,9 @@ inputs, after warm-up, with a fixed torch thread count; a ratio is the median of
 the median over rounds. Ratios are robust to a machine that slows down for a while; absolute times are
 only as good as the machine was quiet (each section gives the load average during its run).
 
-No GPU was lent to the sessions that produced these figures: all are CPU (2 cores). A side-by-side
+No GPU was lent to the sessions that produced these figures: all are CPU (2 cores). `bash
+scripts/gpu_check.sh` runs the CUDA tests and the many-tasks benchmark on a GPU in a few minutes; no session
+has had one to run it yet. A side-by-side
 15-epoch Fashion-MNIST comparison of RepAdapter (with the paper's scale search), linear probe and full
 fine-tuning, with the commands that made it, is in [training/RESULTS.md](training/RESULTS.md).
 """

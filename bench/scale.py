@@ -289,6 +289,18 @@ def render(payload: dict[str, Any]) -> str:
               _ms(c["warm"]["p99_ms"])]
              for res in res["per_n"] for srv, c in res["cold"].items()]),
         "",
+        "Where a request's time goes on the server (means, ms): *load* = waiting for the task to be loaded "
+        "(RepServe: into the device tier; the baselines: the model), *queue* = waiting for a batch, "
+        "*inference* = the batch that served it. The baselines' requests spend their time waiting for model "
+        "loads: one model per task cannot share a forward with another task, and every miss reads a full model.",
+        "",
+        common.md_table(
+            ["N", "mix", "server", "decode", "load", "queue", "inference", "total"],
+            [[res["n"], r["mix"], r["server"], *(f"{r['server_ms'][k]:.1f}" if r["server_ms"][k] is not None
+                                                   else "-" for k in ("decode_ms", "load_ms", "queue_ms",
+                                                                      "inference_ms", "total_ms"))]
+             for res in res["per_n"] for r in res["rows"]]),
+        "",
         "Stores: " + "; ".join(f"N={res['n']}: generated in {res['generate_s']:.1f} s" for res in res["per_n"]) + ".",
     ]
     return "\n".join(parts)
