@@ -47,8 +47,6 @@ from .validation import TaskValidator
 
 log = logging.getLogger(__name__)
 
-TIERS = ("host", "device", "live")
-
 
 def _storage_nbytes(tensors: list[Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
