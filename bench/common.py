@@ -56,6 +56,11 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 IMG_SIZE = 224
 
 
+def dtype_name(short: str) -> str:
+    """The torch name of a short dtype (``bf16`` -> ``bfloat16``), as the servers' ``--dtype`` takes it."""
+    return str(DTYPES[short]).removeprefix("torch.")
+
+
 def arch_name(name: str) -> str:
     """The timm arch for a short name (``vit_base``) or a full one (passed through)."""
     return ARCHS.get(name, name)

@@ -108,7 +108,7 @@ def _repserve(a: Any, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
     from service.settings import Settings
 
     settings = Settings(store=a.store, backbone=common.arch_name(a.arch), seed=a.seed, device=device.type,
-                        dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[a.dtype], warmup=False,
+                        dtype=common.dtype_name(a.dtype), warmup=False,
                         builtin_task="", store_poll_s=0, policy="auto", host_cache_bytes=1 << 40,
                         device_cache_bytes=a.device_mib << 20, live_cache_bytes=a.live_mib << 20)
     runtime = Runtime(settings, Metrics())

@@ -113,7 +113,7 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
         facts["generate_s"] = time.perf_counter() - t0
         k = max(1, budget // models["model_bytes"])
         shared = ["--store", str(root / "store"), "--backbone", common.arch_name(arch), "--seed", str(args.seed),
-                  "--device", run.device.type, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[run.dtypes[0]]]
+                  "--device", run.device.type, "--dtype", common.dtype_name(run.dtypes[0])]
         servers: dict[str, ServerProcess] = {}
         startup: dict[str, dict[str, Any]] = {}
         rs_flags = [*shared, "--policy", "auto", "--torch-threads", str(args.threads), "--max-batch",

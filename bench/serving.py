@@ -53,16 +53,12 @@ FULL = {"tasks": 20, "requests": 400, "concurrency": 16, "repeats": 5, "policies
 QUICK = {"tasks": 2, "requests": 20, "concurrency": 4, "repeats": 1, "policies": ["auto"], "time_cap": 20.0}
 
 
-def server_dtype(run: common.Run) -> str:
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[run.dtypes[0]]
-
-
 def start_servers(policies: Sequence[str], baseline: bool, store: Path, arch: str, args: Any, run: common.Run,
                   logs: Path, stack: contextlib.ExitStack) -> dict[str, ServerProcess]:
     """Every server of one backbone, started together (start-up overlaps), each stopped by ``stack``. The
     baseline holds every task's model from the start (``--preload``, no cache bound)."""
     shared = ["--store", str(store), "--backbone", common.arch_name(arch), "--seed", str(args.seed),
-              "--device", run.device.type, "--dtype", server_dtype(run)]
+              "--device", run.device.type, "--dtype", common.dtype_name(run.dtypes[0])]
     servers: dict[str, ServerProcess] = {}
     for policy in policies:
         flags = [*shared, "--policy", policy, "--torch-threads", str(args.threads), "--max-batch",

@@ -32,6 +32,19 @@ def dense_up(weight_b: Tensor, groups: int) -> Tensor:
     return torch.block_diag(*weight_b.chunk(groups, dim=0))  # [d, rg * groups]
 
 
+def shape_problem(shapes: dict[str, tuple[int, ...]], dim: int, groups: int) -> str:
+    """What keeps an adapter with parameter ``shapes`` (``weight_a``, ``bias_a``, ``weight_b``, ``bias_b``)
+    from fitting an input of width ``dim`` with ``groups``, or ``""``: the one statement of the shape rules."""
+    r = shapes["weight_a"][0]
+    if groups < 1 or r % groups or dim % groups:
+        return f"hidden={r} and dim={dim} must both be divisible by groups={groups}"
+    want = {"weight_a": (r, dim), "bias_a": (r,), "weight_b": (dim, r // groups), "bias_b": (dim,)}
+    for name, shape in want.items():
+        if shapes[name] != shape:
+            return f"{name} has shape {shapes[name]}, expected {shape}"
+    return ""
+
+
 @dataclass
 class AdapterWeights:
     """Plain tensors of one adapter: what bundles store and what merging and mixed batches consume.
@@ -68,17 +81,13 @@ class AdapterWeights:
             groups=self.groups, scale=self.scale,
         )
 
-    def validate(self, dim: int, *, values: bool = True) -> None:
-        """Raise ``ValueError`` unless the shapes fit an input of width ``dim`` and (``values``) all values are
-        finite. Pass ``values=False`` where they were checked already (a parsed bundle's, in one op)."""
-        r, g = self.hidden, self.groups
-        want = {"weight_a": (r, dim), "bias_a": (r,), "weight_b": (dim, r // g if g else -1), "bias_b": (dim,)}
-        if g < 1 or r % g or dim % g:
-            raise ValueError(f"hidden={r} and dim={dim} must both be divisible by groups={g}")
+    def validate(self, dim: int) -> None:
+        """Raise ``ValueError`` unless the shapes fit an input of width ``dim`` and all values are finite."""
+        problem = shape_problem({k: tuple(t.shape) for k, t in self.tensors().items()}, dim, self.groups)
+        if problem:
+            raise ValueError(problem)
         for name, t in self.tensors().items():
-            if tuple(t.shape) != want[name]:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want[name]}")
-            if values and not torch.isfinite(t).all():
+            if not torch.isfinite(t).all():
                 raise ValueError(f"{name} has non-finite values")
         if not torch.isfinite(torch.tensor(self.scale)):
             raise ValueError("scale is not finite")

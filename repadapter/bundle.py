@@ -22,10 +22,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .adapter import AdapterWeights
+from .adapter import AdapterWeights, shape_problem
 from .errors import BackboneMismatch, BundleError, ChecksumMismatch
 from .inject import PLACEMENTS, Site
-from .merge import check_adapters
 from .preprocess import PreprocessConfig
 
 SCHEMA_VERSION = 1
@@ -143,18 +142,9 @@ class TaskBundle:
         return PackedBundle.from_tensors(manifest, tensors).unpack()
 
     def check_compatible(self, arch: str, fingerprint: str, sites: list[Site], num_features: int) -> None:
-        """Refuse a bundle for another backbone (409) or whose tensors do not fit it (422). Values are not
-        checked again: every bundle read from bytes was (:meth:`PackedBundle.from_tensors`)."""
-        ref = self.manifest.backbone
-        if ref.arch != arch or ref.fingerprint != fingerprint:
-            raise BackboneMismatch(
-                f"task {self.name!r} was trained for backbone {ref.arch} ({ref.fingerprint[:12]}), "
-                f"this server runs {arch} ({fingerprint[:12]})"
-            )
-        if self.head_weight.shape[1] != num_features:
-            raise BundleError(f"task {self.name!r}: head takes {self.head_weight.shape[1]} features, "
-                              f"the backbone gives {num_features}")
-        check_adapters(sites, self.adapters, values=False)  # values: checked when the bundle was parsed
+        """Refuse a bundle for another backbone (409) or whose tensors do not fit it (422), values included:
+        the checks of :meth:`PackedBundle.from_tensors` and :meth:`PackedBundle.check_compatible`."""
+        self.pack().check_compatible(arch, fingerprint, sites, num_features)
 
     @property
     def nbytes(self) -> int:
@@ -172,8 +162,24 @@ def _interned(layout: Layout) -> Layout:
 
 
 @functools.lru_cache(maxsize=256)
-def _where(layout: Layout) -> dict[str, tuple[int, tuple[int, ...]]]:
+def layout_positions(layout: Layout) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """``key -> (offset, shape)`` of a layout."""
     return {key: (offset, shape) for key, offset, shape in layout}
+
+
+@functools.lru_cache(maxsize=256)
+def layout_sites(layout: Layout) -> tuple[str, ...]:
+    """The adapted sites of a layout (from its ``adapter.<site>.<param>`` keys), sorted."""
+    return tuple(sorted({key[len("adapter."):].rpartition(".")[0] for key, _, _ in layout
+                         if key.startswith("adapter.")}))
+
+
+def check_backbone(manifest: Manifest, arch: str, fingerprint: str) -> None:
+    """Refuse (409) a task trained for another backbone (architecture or weights fingerprint)."""
+    ref = manifest.backbone
+    if ref.arch != arch or ref.fingerprint != fingerprint:
+        raise BackboneMismatch(f"task {manifest.name!r} was trained for backbone {ref.arch} "
+                               f"({ref.fingerprint[:12]}), this server runs {arch} ({fingerprint[:12]})")
 
 
 @functools.lru_cache(maxsize=256)
@@ -183,19 +189,13 @@ def _layout_problem(layout: Layout, groups: int, site_dims: tuple[tuple[str, int
     if shapes["head.weight"][1] != num_features:
         return f"head takes {shapes['head.weight'][1]} features, the backbone gives {num_features}"
     dims = dict(site_dims)
-    names = sorted({key[len("adapter."):].rpartition(".")[0] for key in shapes if key.startswith("adapter.")})
-    unknown = [n for n in names if n not in dims]
+    unknown = [n for n in layout_sites(layout) if n not in dims]
     if unknown:
         return f"adapters for sites this backbone does not have: {unknown[:5]}"
-    for name in names:
-        r = shapes[f"adapter.{name}.weight_a"][0]
-        want = {"weight_a": (r, dims[name]), "bias_a": (r,), "weight_b": (dims[name], r // groups),
-                "bias_b": (dims[name],)}
-        if groups < 1 or r % groups or dims[name] % groups:
-            return f"adapter {name}: hidden={r} and dim={dims[name]} must both be divisible by groups={groups}"
-        for param, shape in want.items():
-            if shapes[f"adapter.{name}.{param}"] != shape:
-                return f"adapter {name}: {param} has shape {shapes[f'adapter.{name}.{param}']}, expected {shape}"
+    for name in layout_sites(layout):
+        problem = shape_problem({p: shapes[f"adapter.{name}.{p}"] for p in _PARAMS}, dims[name], groups)
+        if problem:
+            return f"adapter {name}: {problem}"
     return ""
 
 
@@ -284,19 +284,14 @@ class PackedBundle:
 
     def tensor(self, key: str, buffer: Tensor | None = None) -> Tensor:
         """One tensor by key, a view of ``buffer`` (default: this bundle's own)."""
-        offset, shape = _where(self.layout)[key]
+        offset, shape = layout_positions(self.layout)[key]
         buffer = self.buffer if buffer is None else buffer
         return buffer[offset:offset + math.prod(shape)].view(shape)
 
     def check_compatible(self, arch: str, fingerprint: str, sites: list[Site], num_features: int) -> None:
         """:meth:`TaskBundle.check_compatible` from the layout alone (no tensor is touched), remembered per
         layout: thousands of tasks of one backbone share a handful of layouts."""
-        ref = self.manifest.backbone
-        if ref.arch != arch or ref.fingerprint != fingerprint:
-            raise BackboneMismatch(
-                f"task {self.name!r} was trained for backbone {ref.arch} ({ref.fingerprint[:12]}), "
-                f"this server runs {arch} ({fingerprint[:12]})"
-            )
+        check_backbone(self.manifest, arch, fingerprint)
         problem = _layout_problem(self.layout, self.manifest.adapter.groups,
                                   tuple((s.name, s.dim) for s in sites), num_features)
         if problem:

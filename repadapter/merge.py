@@ -87,15 +87,15 @@ def _addmm_into(out: Tensor, base: Tensor, u: Tensor, a: Tensor) -> None:
         torch.addmm(base, u, a, out=out)
 
 
-def check_adapters(sites: list[Site], adapters: dict[str, AdapterWeights], *, values: bool = True) -> None:
-    """Refuse adapters for unknown sites, with wrong shapes, or (``values``) with non-finite values (BundleError)."""
+def check_adapters(sites: list[Site], adapters: dict[str, AdapterWeights]) -> None:
+    """Refuse adapters for unknown sites, with wrong shapes, or with non-finite values (BundleError)."""
     by_name = {s.name: s for s in sites}
     unknown = sorted(set(adapters) - set(by_name))
     if unknown:
         raise BundleError(f"adapters for sites this backbone does not have: {unknown[:5]}")
     for name, w in adapters.items():
         try:
-            w.validate(by_name[name].dim, values=values)
+            w.validate(by_name[name].dim)
         except ValueError as e:
             raise BundleError(f"adapter {name}: {e}") from e
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .adapter import AdapterWeights, Layout
 from .bundle import Layout as BundleLayout
-from .bundle import PackedBundle
+from .bundle import PackedBundle, layout_positions, layout_sites
 from .inject import Site
 
 
@@ -113,12 +113,11 @@ def _index_on(layout: FoldLayout, device: str) -> dict[str, Tensor]:
 def fold_layout(bundle_layout: BundleLayout, groups: int) -> FoldLayout:
     """The fold layout of bundles with ``bundle_layout`` (keys ``adapter.<site>.<param>``, shapes checked
     by :class:`PackedBundle`) and ``groups``."""
-    where = {key: (offset, shape) for key, offset, shape in bundle_layout}
-    names = sorted({key[len("adapter."):].rpartition(".")[0] for key in where if key.startswith("adapter.")})
+    where = layout_positions(bundle_layout)
     sites, size = [], 0
     idx: dict[str, list[Tensor]] = {k: [] for k in ("a_src", "a_dst", "b_src", "sb_dst", "bb_src", "m_dst", "ba_src",
                                                      "m_row")}
-    for name in names:
+    for name in layout_sites(bundle_layout):
         (oa, (r, d)), (oba, _), (ob, _), (obb, _) = (where[f"adapter.{name}.{p}"] for p in
                                                        ("weight_a", "bias_a", "weight_b", "bias_b"))
         site = SiteFold(name, r, d, size, size + r * d, size + 2 * r * d)

@@ -350,9 +350,9 @@ class Engine:
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is waiting any more
             job.loop.call_soon_threadsafe(_resolve, job.future, value)
 
-    def _activate(self, task: TaskRef | None, entry: DeviceTask | None) -> float | None:
-        """Make ``task``'s weights live (``None``: the base) unless they already are; returns the switch's
-        seconds (``None``: no switch), also timed into the metrics and the cost model."""
+    def _activate(self, task: TaskRef | None, entry: DeviceTask | None) -> None:
+        """Make ``task``'s weights live (``None``: the base) unless they already are; a switch is timed into
+        the metrics and the cost model."""
         start = time.perf_counter()
         try:
             switched = self.residency.activate(task, entry)
@@ -361,12 +361,11 @@ class Engine:
             self._reset_weights()
             raise
         if not switched:
-            return None
+            return
         seconds = time.perf_counter() - start
         self.metrics.switches.inc()
         self.metrics.switch_duration.observe(seconds)
         self.costs.observe_switch(seconds)
-        return seconds
 
     def _reset_weights(self) -> None:
         """After a failed switch some targets may hold a mix of two tasks: restore EVERY target from the
@@ -422,9 +421,9 @@ class Engine:
         new = [s for s in dict.fromkeys(shapes) if s not in self._shapes]
         synthetic = self._synthetic_task() if new and self.config.warmup else None
         with torch.no_grad():
+            self._activate(None, None)  # probes run on the base weights; a failure here is not the size's
             for shape in new:
                 try:
-                    self._activate(None, None)
                     self._forward(torch.zeros(1, *shape))
                 except Exception as e:
                     self._shapes[shape] = BundleError(

@@ -27,7 +27,6 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +105,6 @@ class Residency:
         self.on_device: ByteLRU[TaskKey, DeviceTask] = ByteLRU("device", config.device_bytes)
         self.merged: ByteLRU[TaskKey, MergedWeights] = ByteLRU("live", config.live_bytes)
         self.live: TaskKey | None = None  # the weight set merged into the model now (None: the base)
-        self.live_name: str | None = None
-        self.loads: Counter[str] = Counter()  # loads performed, by tier they filled
         self._pinned: dict[TaskKey, DeviceTask] = {}
         self._inflight: dict[TaskKey, concurrent.futures.Future[DeviceTask]] = {}
         self._failed: dict[TaskKey, tuple[RepServeError, float]] = {}  # error, monotonic time to retry at
@@ -236,7 +233,6 @@ class Residency:
         return packed
 
     def _count_load(self, tier: str, seconds: float) -> None:
-        self.loads[tier] += 1
         self.metrics.task_loads.labels(tier=tier).inc()
         self.metrics.task_load_duration.labels(tier=tier).observe(seconds)
 
@@ -252,6 +248,11 @@ class Residency:
         return error
 
     # ---- the live weights (the engine's worker only) --------------------------------------------------
+
+    @property
+    def live_name(self) -> str | None:
+        """Name of the task whose weights are live (``None``: the base)."""
+        return self.live[0] if self.live is not None else None
 
     def fold(self, task: TaskRef, entry: DeviceTask) -> TaskDelta:
         """The task's merged fold, computed on first use and kept with its device entry."""
@@ -275,13 +276,13 @@ class Residency:
             return False
         if task is None or entry is None or key is None:
             self.switcher.activate(None)
-            self.live, self.live_name = None, None
+            self.live = None
             return True
         delta = self.fold(task, entry)
         merged = self.merged.get(key)
-        self.live, self.live_name = None, None  # unknown until the switch completes
+        self.live = None  # unknown until the switch completes
         self.switcher.activate(delta, merged)
-        self.live, self.live_name = key, task.name
+        self.live = key
         if merged is None:
             nbytes = self.switcher.snapshot_nbytes(delta)
             if nbytes <= self.merged.capacity:
@@ -290,7 +291,7 @@ class Residency:
 
     def reset(self) -> None:
         """Restore every target from pristine, whatever state the weights are in."""
-        self.live, self.live_name = None, None
+        self.live = None
         self.switcher.reset()
 
     # ---- reporting (any thread) ------------------------------------------------------------------------

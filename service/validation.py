@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from repadapter import Backbone, Manifest
-from repadapter.bundle import PackedBundle
-from repadapter.errors import BackboneMismatch, BundleError
+from repadapter.bundle import PackedBundle, check_backbone
+from repadapter.errors import BundleError
 from repadapter.inject import Site
 
 MAX_INPUT_SIDE = 4096
@@ -35,12 +35,7 @@ class TaskValidator:
 
     def check_manifest(self, m: Manifest) -> None:
         """Refuse a manifest for another backbone (409) or with an input size no request may have (422)."""
-        ref = m.backbone
-        if ref.arch != self.arch or ref.fingerprint != self.fingerprint:
-            raise BackboneMismatch(
-                f"task {m.name!r} was trained for backbone {ref.arch} ({ref.fingerprint[:12]}), "
-                f"this server runs {self.arch} ({self.fingerprint[:12]})"
-            )
+        check_backbone(m, self.arch, self.fingerprint)
         c, h, w = m.preprocess.input_size
         if c != 3 or not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
             raise BundleError(f"task {m.name!r}: input size {(c, h, w)} must be 3 channels and "
@@ -48,7 +43,7 @@ class TaskValidator:
 
     def check_bundle(self, packed: PackedBundle) -> None:
         """Every check of a task's tensors against this backbone (raises BundleError / BackboneMismatch)."""
-        self.check_manifest(packed.manifest)
+        self.check_manifest(packed.manifest)  # the backbone included
         packed.check_compatible(self.arch, self.fingerprint, self.sites, self.num_features)
         if self.dtype != torch.float32 and not torch.isfinite(packed.buffer.to(self.dtype)).all():
             bad = next(k for k, t in packed.views().items() if not torch.isfinite(t.to(self.dtype)).all())
