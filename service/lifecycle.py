@@ -25,10 +25,11 @@ import threading
 import anyio
 import torch
 
-from repadapter import LocalStore, WeightSwitcher, attach_slots, load_backbone
+from repadapter import WeightSwitcher, attach_slots, load_backbone
 from repadapter.bundle import PackedBundle
 from repadapter.errors import UnsupportedBackbone
 from repadapter.inject import Site
+from repadapter.store import open_store
 
 from . import __version__
 from .engine import Engine, EngineConfig
@@ -57,7 +58,7 @@ class Runtime:
         self.backbone = load_backbone(settings.backbone, settings.checkpoint, device=device,
                                       dtype=settings.torch_dtype, seed=settings.seed, **settings.backbone_options)
         self.sites = _attach(self.backbone.model, self.backbone.arch)
-        self.store = LocalStore(settings.store)
+        self.store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url)
         validator = TaskValidator(self.backbone, self.sites)
         builtin = builtin_bundle(settings.builtin_task, self.backbone) if settings.builtin_task else None
         self.registry = TaskRegistry(self.store, validator, metrics=metrics, builtin=builtin)
@@ -99,7 +100,7 @@ class Runtime:
             log.warning("REPSERVE_ADMIN_TOKEN is not set: POST/DELETE /tasks are open to every client")
         log.info("runtime built backbone=%s fingerprint=%s device=%s dtype=%s sites=%d store=%s",
                  self.backbone.arch, self.backbone.fingerprint[:12], self.backbone.device, settings.dtype,
-                 len(self.sites), self.store.root)
+                 len(self.sites), self.store.url)
 
     # ---- operations on tasks (any thread but the event loop's and the worker's) -----------------------
 
@@ -143,6 +144,18 @@ class Runtime:
         except Exception as e:
             self.failure = f"{type(e).__name__}: {e}"
             log.exception("start-up failed")
+            return
+        self.collect_garbage()
+
+    def collect_garbage(self) -> None:
+        """Remove crashed writers' leftovers older than ``store_gc_grace_s`` (after start-up, off the request
+        path; every replica does it, which is harmless: gc never touches a readable version)."""
+        if not self.settings.store_gc_grace_s:
+            return
+        try:
+            self.store.gc(older_than_s=self.settings.store_gc_grace_s)
+        except Exception as e:  # a read-only or unreachable store must not take the replica down
+            log.warning("store gc failed store=%s error=%s", self.store.url, e)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.initialize, name="repserve-init", daemon=True)

@@ -5,8 +5,8 @@ holds the one current when it was accepted, so replacing or deleting a task neve
 request is answered with (the response names that version). The tensors of a task are the residency's
 (:mod:`service.residency`): loaded on first use, kept in byte-bounded tiers, dropped when cold.
 
-Scans are change-based: :meth:`LocalStore.catalog` costs two ``stat`` calls while the store is unchanged,
-and on a change only the manifests of new or changed entries are read and checked
+Scans are change-based: :meth:`Store.catalog` costs two ``stat`` calls (one HEAD request on S3) while the
+store is unchanged, and on a change only the manifests of new or changed entries are read and checked
 (:meth:`TaskValidator.check_manifest`). A manifest that fails is logged and counted
 (``repserve_store_errors_total``) once per stored version, and the previously served version keeps being
 served. Registration validates the tensors completely before anything is written (the caller,
@@ -25,10 +25,10 @@ import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from repadapter import AdapterConfig, Backbone, BackboneRef, LocalStore, Manifest
+from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest
 from repadapter.bundle import PackedBundle, parse_manifest
 from repadapter.errors import BundleError, RepServeError, TaskExists, TaskNotFound
-from repadapter.store import Catalog
+from repadapter.store import Catalog, Store
 
 from .errors import BuiltinTask
 from .metrics import Metrics
@@ -104,10 +104,10 @@ class SyncReport:
 
 
 class TaskRegistry:
-    """Task name -> :class:`TaskRef`, backed by a :class:`LocalStore`; the backbone's own classifier, when
+    """Task name -> :class:`TaskRef`, backed by a :class:`Store`; the backbone's own classifier, when
     given as ``builtin``, is served under its name unless the store holds a task of that name."""
 
-    def __init__(self, store: LocalStore, validator: TaskValidator, *, metrics: Metrics,
+    def __init__(self, store: Store, validator: TaskValidator, *, metrics: Metrics,
                  builtin: PackedBundle | None = None) -> None:
         self.store, self.validator, self.metrics = store, validator, metrics
         self._builtin = TaskRef(builtin.manifest, inline=builtin) if builtin is not None else None
@@ -179,7 +179,7 @@ class TaskRegistry:
                 catalog = self.store.catalog(rescan=rescan)
             except (OSError, RepServeError) as e:
                 self.metrics.store_errors.labels(reason="scan").inc()
-                log.error("store scan failed store=%s error=%s", self.store.root, e)
+                log.error("store scan failed store=%s error=%s", self.store.url, e)
                 return report
             if catalog is not self._catalog:
                 self._apply(catalog, report)

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from repadapter import AdapterWeights, LocalStore, TaskDelta, WeightSwitcher
+from repadapter import AdapterWeights, TaskDelta, WeightSwitcher
 from repadapter.bundle import PackedBundle
 from repadapter.errors import RepServeError, TaskNotFound
 from repadapter.merge import MergedWeights
 from repadapter.mixed import PackedFolds
+from repadapter.store import Store
 
 from .errors import TaskUnavailable
 from .lru import ByteLRU, CacheStats
@@ -97,7 +98,7 @@ class ResidencyConfig:
 class Residency:
     """The host, device and live tiers of one replica, their loader, and the live-weights record."""
 
-    def __init__(self, store: LocalStore, validator: TaskValidator, switcher: WeightSwitcher, *,
+    def __init__(self, store: Store, validator: TaskValidator, switcher: WeightSwitcher, *,
                  device: torch.device, dtype: torch.dtype, config: ResidencyConfig, metrics: Metrics) -> None:
         self.store, self.validator, self.switcher = store, validator, switcher
         self.device, self.dtype, self.config, self.metrics = device, dtype, config, metrics

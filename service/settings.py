@@ -7,6 +7,7 @@ class (:func:`settings_table`) and a unit test keeps the two in sync.
 from __future__ import annotations
 
 import json
+from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,7 +27,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to bind (`0.0.0.0` in containers).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
-    store: Path = Field(Path("adapters_store"), description="Task store directory (created if missing).")
+    store: str = Field("adapters_store", description="Task store: a directory (created if missing) or "
+                       "`s3://bucket/prefix` (S3-compatible; credentials from the standard `AWS_*` environment).")
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, Ceph), e.g. `http://minio:9000`; unset: AWS "
+        "(or boto3's `AWS_ENDPOINT_URL`).")
+    store_gc_grace_s: float = Field(
+        3600.0, ge=0, description="At start-up, remove what crashed writers left in the store (temp files, "
+        "unreferenced tensors, deleted tasks) once older than this many seconds; 0: never.")
     backbone: str = Field("embedded", description="`embedded` (ImageNet MobileNetV2) or a timm architecture name.")
     checkpoint: Path | None = Field(None, description="Local backbone weights (safetensors or torch file); "
                                     "without one a non-embedded backbone is randomly initialised from `seed`.")
@@ -78,6 +86,11 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Warm up every input size and measure the costs `auto` needs before "
                          "reporting ready (without it `auto` starts on merged and learns the mixed cost by exploring).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _path_is_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, PathLike) else v
 
     @field_validator("admin_token", "classify_token", mode="after")
     @classmethod

@@ -85,3 +85,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """One S3 protocol server (moto) on loopback for the whole session; tests take fresh buckets."""
+    from tests.s3kit import s3_server, use_credentials
+
+    use_credentials()
+    with s3_server() as endpoint:
+        yield endpoint

@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import types
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--demo builds its own tasks: drop --data and --task")
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 parser.error("--demo runs in one process: start it without torchrun")
-            configs = demo_configs(Path(opts.pop("store", TrainConfig.model_fields["store"].default)), opts)
+            configs = demo_configs(str(opts.pop("store", TrainConfig.model_fields["store"].default)), opts)
         else:
             missing = [f"--{f}" for f in ("data", "task") if f not in opts]
             if missing:

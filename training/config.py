@@ -7,6 +7,7 @@ warmup, hidden 8, groups 2, dropout 0.1, drop-path 0.1, batch 64, seed 42) on a 
 
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +36,8 @@ class TrainConfig(BaseModel):
     data: str = Field(description="training data: an ImageFolder DIR (DIR/train/<class>/*, optional DIR/val, "
                                   "DIR/test) or an embedded dataset: fashion-mnist, mnist, digits")
     task: str = Field(description="task name in the store (a-z, 0-9, '_', '-'; at most 64 chars)")
-    store: Path = Field(Path("adapters_store"), description="store directory the bundle is written to")
+    store: str = Field("adapters_store", description="store the bundle is written to: a directory or "
+                                                   "s3://bucket/prefix (endpoint and credentials from AWS_* variables)")
     backbone: str = Field("embedded", description="'embedded' (the shipped ImageNet MobileNetV2) or a timm "
                                                   "architecture name (needs --checkpoint)")
     checkpoint: Path | None = Field(None, description="local backbone weights (.safetensors or a torch state dict)")
@@ -81,6 +83,11 @@ class TrainConfig(BaseModel):
                                                                              "bf16, else fp16); CPU runs fp32")
     workers: int | None = Field(None, ge=0, description="data loader worker processes (default: 0 on CPU, "
                                                         "4 on CUDA)")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _path_is_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, PathLike) else v
 
     @field_validator("task")
     @classmethod

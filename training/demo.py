@@ -45,7 +45,7 @@ def imagenet_bundle(backbone: Backbone) -> TaskBundle:
     return TaskBundle(manifest, {}, weight.float().cpu(), bias.float().cpu())
 
 
-def demo_configs(store: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
+def demo_configs(store: str, overrides: dict[str, Any]) -> list[TrainConfig]:
     """The trained demo tasks' configs; an ``out_dir`` override becomes ``out_dir/<task>``."""
     configs = []
     for task, recipe in DEMO_TASKS.items():

@@ -23,7 +23,6 @@ from repadapter import (
     AdapterConfig,
     Backbone,
     BackboneRef,
-    LocalStore,
     Manifest,
     PreprocessConfig,
     Site,
@@ -31,6 +30,7 @@ from repadapter import (
     WeightSwitcher,
 )
 from repadapter.errors import RepServeError, TaskExists
+from repadapter.store import open_store
 
 from .config import TrainConfig
 from .model import TaskModel, adapters_of
@@ -105,21 +105,21 @@ class Agreement:
                    (trained - served).abs().max().item())
 
 
-def ensure_absent(store: Path, task: str, *, overwrite: bool) -> None:
+def ensure_absent(store: str | Path, task: str, *, overwrite: bool) -> None:
     """Refuse early (before any training) a task the store would refuse at the end."""
-    versions = [] if overwrite else LocalStore(store).versions(task)
+    versions = [] if overwrite else open_store(store).versions(task)
     if versions:
         raise TaskExists(f"task {task!r} exists in {store} (version {versions[-1]}): pass --overwrite to store "
                          "the new one as its next version")
 
 
-def publish(bundle: TaskBundle, *, store: Path, register_url: str | None = None, token: str | None = None,
+def publish(bundle: TaskBundle, *, store: str | Path, register_url: str | None = None, token: str | None = None,
             overwrite: bool = False) -> dict[str, Any]:
     """Write the bundle into ``store`` (atomic) or POST it to ``register_url``; returns where it went."""
     if register_url:
         stored = register(bundle, register_url, token, overwrite=overwrite)
         return {"registered": register_url, "name": stored.get("name", bundle.name), "version": stored.get("version")}
-    manifest = LocalStore(store).put(bundle, overwrite=overwrite)
+    manifest = open_store(store).put(bundle, overwrite=overwrite)
     return {"store": str(store), "name": manifest.name, "version": manifest.version}
 
 

@@ -1,7 +1,7 @@
 """One training run end to end: data, backbone, trial(s), proof of the served bundle, publication, report.
 
 Only the main process evaluates at the end, writes the bundle and the report; every process trains.
-Nothing reaches the store before the very end (``LocalStore.put`` is atomic), so an interruption at any
+Nothing reaches the store before the very end (a store's ``put`` is atomic), so an interruption at any
 point leaves no half task behind: only the last per-epoch checkpoint, which ``--resume`` continues.
 """
 

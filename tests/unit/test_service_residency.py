@@ -116,7 +116,7 @@ def test_concurrent_requests_for_a_cold_task_load_it_once(make_runtime, model, b
 def test_start_up_reads_manifests_only(store, make_runtime, model, bundles, images):
     """No tensor file is opened before the first request; a corrupt one is found then, for its task only."""
     for entry in store.list():  # every tensor file unreadable as safetensors
-        (entry.path / "adapter.safetensors").write_bytes(b"not a bundle")
+        (store.path(entry.name, entry.version) / "adapter.safetensors").write_bytes(b"not a bundle")
     opened: list[str] = []
     watching = [True]
 

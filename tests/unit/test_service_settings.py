@@ -46,8 +46,7 @@ def test_cli_flags_override_the_environment(monkeypatch):
     args = vars(build_parser().parse_args(["--max-batch", "8", "--no-warmup", "--backbone-options", '{"depth": 2}',
                                            "--store", "/tmp/x"]))
     s = settings_from_args(args)
-    assert (s.max_batch, s.port, s.warmup, s.backbone_options, s.store) == (8, 9000, False, {"depth": 2},
-                                                                            Path("/tmp/x"))
+    assert (s.max_batch, s.port, s.warmup, s.backbone_options, s.store) == (8, 9000, False, {"depth": 2}, "/tmp/x")
 
 
 def test_every_setting_has_a_flag_and_a_description():

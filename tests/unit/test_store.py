@@ -56,7 +56,7 @@ def test_put_get_versions_delete(store, vit_sites):
 def test_corruption_on_disk_is_detected(store, vit_sites):
     bb, sites = vit_sites
     store.put(make_bundle(bb, sites, "cars"))
-    path = store.list()[0].path / "adapter.safetensors"
+    path = store.path("cars", 1) / "adapter.safetensors"
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01
     path.write_bytes(bytes(data))
@@ -79,7 +79,7 @@ _WRITER = textwrap.dedent("""
     from repadapter import LocalStore, load_backbone, attach_slots
     from tests.conftest import TINY_VITS
     from tests.unit.test_bundle import make_bundle
-    import repadapter.store as st
+    import repadapter.store.local as st
 
     calls = []
     real_fsync = os.fsync

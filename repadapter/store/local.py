@@ -1,4 +1,4 @@
-"""The adapter store: versioned task bundles on disk, written atomically, verified on read, with a catalog.
+"""The directory store: versioned task bundles on disk, written atomically, verified on read, with a catalog.
 
 Layout::
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -33,52 +32,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_dir, write_file_atomic
-from .bundle import MANIFEST_FILE, TASK_NAME, TENSORS_FILE, Manifest, PackedBundle, TaskBundle, parse_manifest
-from .errors import BundleError, StoreError, TaskExists, TaskNotFound
+from ..atomic import fsync_dir, write_file_atomic
+from ..bundle import MANIFEST_FILE, TASK_NAME, TENSORS_FILE, Manifest, PackedBundle, TaskBundle, parse_manifest
+from ..errors import BundleError, StoreError, TaskExists, TaskNotFound
+from .base import Catalog, TaskEntry, catalog_document, parse_catalog, version_name
 
 log = logging.getLogger(__name__)
 
 _VERSION_PREFIX = "v"
 CATALOG_DIR, CATALOG_FILE = ".catalog", "catalog.json"
-_CATALOG_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class TaskEntry:
-    """A stored task's latest version. ``etag`` identifies that stored version (its manifest file's mtime
-    and size: version directories are immutable, and a task deleted and stored again gets new files), so a
-    reader can tell a changed task from an unchanged one without reading it."""
-
-    name: str
-    version: int
-    etag: str
-    root: Path
-
-    @property
-    def path(self) -> Path:
-        """The version's directory."""
-        return self.root / self.name / _version_name(self.version)
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """Every stored task's latest version, by name, as of one reading of the store (never mutated).
-
-    ``LocalStore.catalog`` returns the same object while the store is unchanged, so ``is`` tells a
-    caller that nothing changed."""
-
-    entries: Mapping[str, TaskEntry] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def sorted(self) -> list[TaskEntry]:
-        return [self.entries[n] for n in sorted(self.entries)]
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -86,10 +51,6 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _version_name(version: int) -> str:
-    return f"{_VERSION_PREFIX}{version:06d}"
 
 
 def _etag(st: os.stat_result) -> str:
@@ -114,6 +75,14 @@ class LocalStore:
         self._cache: tuple[tuple[Any, int], Catalog] | None = None  # (file signature, root mtime) -> catalog
         self._cache_lock = threading.Lock()
 
+    @property
+    def url(self) -> str:
+        return str(self.root)
+
+    def path(self, name: str, version: int) -> Path:
+        """One version's directory (it holds ``manifest.json`` and ``adapter.safetensors``)."""
+        return self._task_dir(name) / version_name(version)
+
     # ---- reading -------------------------------------------------------------------------------------
 
     def _task_dir(self, name: str) -> Path:
@@ -136,9 +105,9 @@ class LocalStore:
         vs = self.versions(name)
         if not vs:
             return None
-        path = self.root / name / _version_name(vs[-1])
+        path = self.root / name / version_name(vs[-1])
         try:
-            return TaskEntry(name, vs[-1], _etag((path / MANIFEST_FILE).stat()), self.root)
+            return TaskEntry(name, vs[-1], _etag((path / MANIFEST_FILE).stat()))
         except FileNotFoundError:  # deleted meanwhile
             return None
 
@@ -161,22 +130,16 @@ class LocalStore:
             file_sig = None
         return file_sig, self.root.stat().st_mtime_ns
 
-    def _read_catalog(self) -> dict[str, Any] | None:
-        """The catalog file's document, or ``None`` if it is missing or unreadable (then a walk decides)."""
+    def _read_catalog(self) -> tuple[dict[str, TaskEntry], dict[str, Any]] | None:
+        """The catalog file's entries and document, or ``None`` if it is missing or unreadable (then a walk
+        decides)."""
         try:
-            doc = json.loads(self._catalog_path.read_bytes())
-            if doc.get("format") != _CATALOG_FORMAT or not isinstance(doc.get("tasks"), dict):
-                raise ValueError(f"unknown catalog format {doc.get('format')!r}")
-            return doc
+            return parse_catalog(self._catalog_path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             log.warning("store catalog unreadable, walking the directories store=%s error=%s", self.root, e)
             return None
-
-    def _from_doc(self, doc: dict[str, Any]) -> dict[str, TaskEntry]:
-        root = self.root
-        return {name: TaskEntry(name, version, etag, root) for name, (version, etag) in doc["tasks"].items()}
 
     def catalog(self, *, rescan: bool = False) -> Catalog:
         """Every task's latest version. Costs two ``stat`` calls while the store is unchanged (and then
@@ -185,9 +148,9 @@ class LocalStore:
             sig = self._signature()
             if not rescan and self._cache is not None and self._cache[0] == sig:
                 return self._cache[1]
-            doc = None if rescan or sig[0] is None else self._read_catalog()
-            if doc is not None and doc.get("root_mtime_ns") == sig[1]:
-                entries = self._from_doc(doc)
+            read = None if rescan or sig[0] is None else self._read_catalog()
+            if read is not None and read[1].get("root_mtime_ns") == sig[1]:
+                entries = read[0]
             else:
                 start = time.perf_counter()
                 entries = self._walk()
@@ -204,15 +167,15 @@ class LocalStore:
     def entry(self, name: str, version: int) -> TaskEntry:
         """The entry of one stored version, read from its directory (e.g. right after :meth:`put`)."""
         try:
-            st = (self._task_dir(name) / _version_name(version) / MANIFEST_FILE).stat()
+            st = (self._task_dir(name) / version_name(version) / MANIFEST_FILE).stat()
         except FileNotFoundError:
             raise TaskNotFound(f"task {name!r} has no version {version}") from None
-        return TaskEntry(name, version, _etag(st), self.root)
+        return TaskEntry(name, version, _etag(st))
 
     def _version_dir(self, name: str, version: int | None) -> Path:
         d = self._task_dir(name)
         if version is not None:
-            path = d / _version_name(version)
+            path = d / version_name(version)
             if (path / MANIFEST_FILE).is_file():
                 return path
         vs = self.versions(name)
@@ -220,7 +183,7 @@ class LocalStore:
             raise TaskNotFound(f"no task {name!r} in the store")
         if version is not None:
             raise TaskNotFound(f"task {name!r} has no version {version} (versions: {vs})")
-        return d / _version_name(vs[-1])
+        return d / version_name(vs[-1])
 
     def manifest_bytes(self, name: str, version: int | None = None) -> bytes:
         try:
@@ -273,11 +236,11 @@ class LocalStore:
 
         ``before_mtime_ns`` is the root's mtime before the change: if the catalog was not written at that
         state, something changed behind its back and the whole catalog is rebuilt by a walk."""
-        doc = self._read_catalog()
-        if doc is None or doc.get("root_mtime_ns") != before_mtime_ns:
+        read = self._read_catalog()
+        if read is None or read[1].get("root_mtime_ns") != before_mtime_ns:
             entries = self._walk()
         else:
-            entries = self._from_doc(doc)
+            entries = read[0]
             entry = self._entry(name)
             if entry is None:
                 entries.pop(name, None)
@@ -286,9 +249,7 @@ class LocalStore:
         self._write_catalog(entries)
 
     def _write_catalog(self, entries: Mapping[str, TaskEntry]) -> None:
-        doc = {"format": _CATALOG_FORMAT, "root_mtime_ns": self.root.stat().st_mtime_ns,
-               "tasks": {n: [e.version, e.etag] for n, e in sorted(entries.items())}}
-        write_file_atomic(self._catalog_path, json.dumps(doc, separators=(",", ":")).encode())
+        write_file_atomic(self._catalog_path, catalog_document(entries, root_mtime_ns=self.root.stat().st_mtime_ns))
 
     def reindex(self) -> Catalog:
         """Rebuild the catalog file from the directories (after tasks were copied in by hand)."""
@@ -318,7 +279,7 @@ class LocalStore:
                 fsync_dir(tmp)
                 task_dir = self.root / name
                 task_dir.mkdir(exist_ok=True)
-                os.rename(tmp, task_dir / _version_name(version))
+                os.rename(tmp, task_dir / version_name(version))
                 fsync_dir(task_dir)
                 fsync_dir(self.root)
                 self._update_catalog(name, before)
@@ -342,10 +303,18 @@ class LocalStore:
         shutil.rmtree(grave, ignore_errors=True)
         log.info("deleted task=%s", name)
 
-    def gc(self) -> int:
-        """Remove leftovers of crashed writers (``.tmp`` entries); returns how many were removed."""
+    def gc(self, *, older_than_s: float = 0.0) -> int:
+        """Remove leftovers of crashed writers (``.tmp`` entries older than ``older_than_s``; a live writer's
+        are never touched, it holds the lock); returns how many were removed."""
+        cutoff = time.time() - older_than_s
+        removed = 0
         with self.lock():
-            leftovers = list((self.root / ".tmp").iterdir())
-            for p in leftovers:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        return len(leftovers)
+            for p in (self.root / ".tmp").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if p.lstat().st_mtime > cutoff:
+                        continue
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("store gc store=%s removed=%d", self.root, removed)
+        return removed
