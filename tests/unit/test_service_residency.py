@@ -4,8 +4,10 @@ one load per cold task, and the live weights recorded once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -196,3 +198,18 @@ def test_a_slow_cold_load_blocks_neither_other_tasks_nor_past_the_request_timeou
     again = asyncio.run(classify(runtime, "b", images))
     assert_predictions(again.predictions, model.predict(bundles["b"], images))
     assert again.load_s < 0.05  # resident now
+
+
+def test_start_up_collects_old_store_leftovers_only(store, make_runtime):
+    """A crashed writer's temp directory older than the grace period goes after start-up; a young one (maybe
+    another replica's write in flight) stays."""
+    old, young = store.root / ".tmp" / "a-crashed", store.root / ".tmp" / "b-in-flight"
+    for d in (old, young):
+        d.mkdir()
+        (d / "adapter.safetensors").write_bytes(b"half")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    runtime = make_runtime(store_gc_grace_s=3600)
+    assert not old.exists()
+    assert young.exists()
+    assert sorted(t.name for t in runtime.registry.tasks()) == sorted(TASKS)
