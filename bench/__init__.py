@@ -6,5 +6,5 @@ turns its JSON result into markdown, and a ``plot(result, path)``; ``python -m b
 smallest size (what CI runs so the scripts cannot rot); timings are never asserted in tests.
 """
 
-BENCHMARKS: tuple[str, ...] = ("inference", "switch", "memory", "serving", "scale", "training")
+BENCHMARKS: tuple[str, ...] = ("inference", "switch", "memory", "serving", "scale", "replicas", "training")
 """Benchmarks in report order."""

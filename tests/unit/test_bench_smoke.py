@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # bench/ is a folder of scripts at the repo root, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import BENCHMARKS, inference, memory, report, scale, serving, switch, training  # noqa: E402
+from bench import BENCHMARKS, inference, memory, replicas, report, scale, serving, switch, training  # noqa: E402
 
 QUICK = ["--quick", "--threads", "1", "--device", "cpu"]
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")  # bench.replicas routes through it
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     try:
-        for module in (inference, switch, memory, serving, scale, training):
+        for module in (inference, switch, memory, serving, scale, *([replicas] if NGINX else []), training):
             module.main([*QUICK, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
@@ -154,6 +156,29 @@ def test_scale_quick_answers_every_request_within_the_budget(results):
     assert "| 30 | zipf | repserve |" in scale.render(payload)
 
 
+@pytest.mark.skipif(not NGINX, reason="nginx is not installed (scripts/bootstrap.sh installs it as root)")
+def test_replicas_quick_routes_every_task_to_one_replica_under_hashing(results):
+    payload = read(results, "replicas")
+    res = payload["results"]
+    assert res["errors"] == 0
+    rows = {(r["routing"], r["mix"]): r for r in res["rows"]}
+    assert set(rows) == {(routing, mix) for routing in replicas.ROUTINGS for mix in replicas.MIXES}
+    for (routing, _), r in rows.items():
+        assert r["ok"] > 0
+        assert all(positive(r[k]) for k in ("req_per_s", "p50_ms", "p99_ms"))
+        assert (r["vs_round_robin"] is None) == (routing != replicas.HASH)
+        for one in r["per_round"]:
+            assert sum(one["replica_requests"]) == one["ok"] == one["sent"]  # the replicas' counters agree
+            if routing == replicas.HASH:  # hashing sends each task to exactly one replica
+                assert one["tasks_on_several_replicas"] == 0
+    # round-robin splits tasks asked more than once (all loads together: a single one may not, by chance)
+    assert sum(one["tasks_on_several_replicas"] for (routing, _), r in rows.items() if routing == replicas.ROUND_ROBIN
+               for one in r["per_round"]) > 0
+    # round-robin spreads requests evenly over the two replicas whatever the task
+    assert rows[replicas.ROUND_ROBIN, "uniform"]["max_share"] == pytest.approx(0.5, abs=0.1)
+    assert "| zipf | hash |" in replicas.render(payload)
+
+
 def test_training_quick(results):
     res = read(results, "training")["results"]
     assert [(r["dataset"], r["method"]) for r in res["rows"]] == [("digits", m) for m in training.METHODS]
@@ -179,10 +204,12 @@ def test_report_is_idempotent(results, tmp_path):
     assert report.main([*args, "--check"]) == 0
     assert report.main(args) == 0
     assert output.read_text() == first
-    for name in BENCHMARKS:
+    ran = [name for name in BENCHMARKS if (results / f"{name}.json").exists()]
+    assert set(BENCHMARKS) - set(ran) <= ({"replicas"} if not NGINX else set())
+    for name in ran:
         assert f"`python -m bench.{name} --quick" in first
         assert f"{name}.png)" in first
-    assert "Not run yet" not in first
+    assert first.count("Not run yet") == len(BENCHMARKS) - len(ran)
 
 
 def test_report_without_results(tmp_path):
