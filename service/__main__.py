@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import types
 import typing
@@ -18,9 +17,8 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
+from .logs import configure_logging
 from .settings import ENV_PREFIX, Settings, default_text, settings_table
-
-LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         sys.stderr.write(f"invalid configuration:\n{e}\n")
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    configure_logging(settings.log_level, settings.log_format)
     import uvicorn  # after argument parsing: `--help` stays fast
 
     from .app import create_app

@@ -23,7 +23,7 @@ from repadapter.errors import RepServeError
 from . import __version__
 from .lifecycle import Runtime
 from .metrics import Metrics
-from .middleware import MetricsMiddleware
+from .middleware import BodyDeadlineMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .routes import classify, health, tasks
 from .settings import Settings
 
@@ -107,7 +107,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime: Runtime | None = getattr(app.state, "runtime", None)
         return name if name is not None and runtime is not None and name in runtime.registry else "unknown"
 
+    # added innermost first: request id (outermost), metrics, body deadline
+    app.add_middleware(BodyDeadlineMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, task_label=task_label)
+    app.add_middleware(RequestIdMiddleware)
     for router in (classify.router, tasks.router, health.router):
         app.include_router(router)
     return app

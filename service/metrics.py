@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,6 +37,10 @@ class Metrics:
     def __init__(self) -> None:
         disable_created_metrics()  # no `*_created` series: they double the exposition for little use
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # the standard process_* (CPU, RSS, open fds), python_info and python_gc_* series, in this registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.build_info = Info("repserve_build", "Version and configuration of this replica.", registry=r)
         self.http_requests = Counter(
             "repserve_http_requests_total", "HTTP requests by route template, method and status code.",

@@ -1,19 +1,109 @@
-"""ASGI middleware that records request metrics for every route, whatever the outcome.
+"""ASGI middleware: request ids, a deadline on reading the body, and request metrics for every route.
 
-Pure ASGI (not ``BaseHTTPMiddleware``): it only watches ``http.response.start`` for the status code, so
-responses stream through untouched. It sits inside Starlette's error middleware, so 4xx responses made
-by exception handlers are seen with their real status; an unhandled exception is recorded as 500.
+Pure ASGI (not ``BaseHTTPMiddleware``), so responses stream through untouched. All sit inside Starlette's
+error middleware, so 4xx responses made by exception handlers are seen with their real status; an
+unhandled exception is recorded as 500. Order, outermost first: request id, metrics, body deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
+import uuid
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .logs import request_id
 from .metrics import Metrics
+
+REQUEST_ID_HEADER = b"x-request-id"
+_CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")  # what we echo and log: no spaces, no control bytes
+
+
+class RequestIdMiddleware:
+    """Takes the client's ``X-Request-ID`` (when it is a short printable token) or makes one, puts it in
+    the log context of the request and echoes it in the response.
+
+    The context variable is set in the request's own asyncio task and not reset, so the error middleware
+    outside this one still logs with it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+        rid = given.decode() if given is not None and _CLIENT_ID.match(given) else uuid.uuid4().hex
+        request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodyDeadlineMiddleware:
+    """A request's body must arrive within ``timeout_s`` of its first read, or the request gets 408.
+
+    uvicorn bounds idle keep-alive connections but not a body that trickles in (or never comes: a
+    ``Content-Length`` of 1,000 with 10 bytes sent), so without this a slow client holds a connection and
+    a request slot forever. The deadline applies only while the body is incomplete: waiting for a
+    disconnect afterwards is not bounded."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.timeout_s:
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        complete = timed_out = started = False
+
+        async def timed_receive() -> Message:
+            nonlocal deadline, complete, timed_out
+            if complete:
+                return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                timed_out = True
+                return {"type": "http.disconnect"}  # the app stops reading, as for a client that left
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if timed_out and not started:
+                return  # the app's own answer to the "disconnect"; the 408 below replaces it
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except Exception:
+            if not timed_out:
+                raise
+        if timed_out and not started:
+            body = json.dumps({"error": "body_timeout", "detail": f"the request body did not arrive within "
+                                                                  f"{self.timeout_s:g} s"}).encode()
+            await send({"type": "http.response.start", "status": 408,
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 CLASSIFY_PATH = "/classify"
 

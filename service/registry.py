@@ -121,7 +121,7 @@ class TaskRegistry:
     def get(self, name: str) -> TaskRef:
         task = self._tasks.get(name)
         if task is None:
-            raise TaskNotFound(f"no task {name!r}; served tasks: {len(self._tasks)} (GET /tasks lists them)")
+            raise TaskNotFound(f"no task {name!r} (GET /tasks lists the served tasks)")
         return task
 
     def __contains__(self, name: object) -> bool:

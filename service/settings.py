@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Warm up every input size and measure the costs `auto` needs before "
                          "reporting ready (without it `auto` starts on merged and learns the mixed cost by exploring).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` (key=value) or `json` (one object per line, tracebacks on the same line); every "
+        "line of a request carries its `request_id` (the client's `X-Request-ID`, or a generated one, echoed).")
+    body_timeout_s: float = Field(
+        30.0, ge=0, description="A request body must arrive within this many seconds of its first byte, or 408 "
+        "(slow clients cannot hold connections); 0: no limit.")
 
     @field_validator("store", mode="before")
     @classmethod
