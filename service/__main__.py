@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import types
 import typing
@@ -18,7 +20,9 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from .logs import configure_logging
-from .settings import ENV_PREFIX, Settings, default_text, settings_table
+from .settings import ENV_PREFIX, Settings, default_text, settings_table, unknown_variables
+
+log = logging.getLogger(__name__)
 
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
@@ -53,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument("--print-config-table", action="store_true",
                         help="print the configuration table (markdown) and exit")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration (flags, environment), report unknown REPSERVE_* variables, "
+                             "and exit: 0 valid, 2 invalid")
     return parser
 
 
@@ -71,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         sys.stderr.write(f"invalid configuration:\n{e}\n")
         return 2
+    unknown = unknown_variables(os.environ)
+    if args.get("check_config"):
+        for name in unknown:
+            sys.stderr.write(f"warning: {name} is not a RepServe setting (ignored)\n")
+        sys.stdout.write("configuration valid\n")
+        return 0
     configure_logging(settings.log_level, settings.log_format)
+    for name in unknown:
+        log.warning("%s is not a RepServe setting and is ignored (python -m service --help lists them)", name)
     import uvicorn  # after argument parsing: `--help` stays fast
 
     from .app import create_app

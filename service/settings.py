@@ -7,6 +7,7 @@ class (:func:`settings_table`) and a unit test keeps the two in sync.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
     import torch
 
 ENV_PREFIX = "REPSERVE_"
+MIN_TOKEN_CHARS = 16
+PLACEHOLDER_WORDS = ("change-me", "changeme", "change_me", "replace-me", "placeholder", "example", "xxxxxxxx",
+                     "password")
 
 
 class Settings(BaseSettings):
@@ -58,11 +62,22 @@ class Settings(BaseSettings):
         200.0, gt=0, description="A queue whose oldest request waited this long is served next, oldest first.")
     max_queue_images: int = Field(
         1024, ge=1, description="Images waiting in all queues before new requests get 503 `queue_full`.")
-    request_timeout_s: float = Field(30.0, gt=0, description="A classification not answered by then gets 503.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A classification not answered this many seconds after it arrived gets 503 `timeout`: "
+        "reading the body, waiting to decode, decoding (stopped between images and decoding steps), loading the task "
+        "and inference all count.")
     max_images_per_request: int = Field(64, ge=1, description="Most images in one /classify request.")
     max_image_bytes: int = Field(20 << 20, ge=1, description="Largest encoded image, in bytes (413 above).")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Largest decoded image, width x height (413 above; decompression bombs).")
+        40_000_000, ge=1, description="Largest image, width x height, checked on its header before decoding (413 "
+        "above; decompression bombs); also the most pixels its resize to the task's input may make.")
+    max_image_aspect: float = Field(
+        100.0, ge=1, description="Largest ratio of an image's long side to its short side, checked on its header "
+        "(413 above): preprocessing resizes the short side to the input size, so a 200000x1 image of 300 bytes "
+        "would become 51 Gpx.")
+    decode_concurrency: int = Field(
+        4, ge=1, le=256, description="Requests decoding images at once; others wait (within `request_timeout_s`). "
+        "Peak decoding memory is this many times one image's: up to 8 bytes per pixel (320 MB at 40 Mpx RGBA).")
     max_bundle_bytes: int = Field(512 << 20, ge=1, description="Largest task upload to POST /tasks, in bytes.")
     host_cache_bytes: ByteSize = Field(
         "1GiB", description="Host tier: verified task bundles kept in memory, least recently used evicted first "
@@ -100,9 +115,19 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token", "classify_token", mode="after")
     @classmethod
-    def _empty_token_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
-        # An empty token would make "Authorization: Bearer " valid; treat it as not configured.
-        return v if v is not None and v.get_secret_value() else None
+    def _strong_token_or_unset(cls, v: SecretStr | None) -> SecretStr | None:
+        """An empty token would make "Authorization: Bearer " valid: it means not configured. A short or
+        example token is refused: a deployment copied from the docs must not run with a known secret."""
+        if v is None or not v.get_secret_value():
+            return None
+        token = v.get_secret_value()
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"token too short ({len(token)} characters, at least {MIN_TOKEN_CHARS}); make one "
+                             "with `openssl rand -hex 32`")
+        if any(word in token.lower() for word in PLACEHOLDER_WORDS):
+            raise ValueError("token looks like a placeholder from an example (e.g. `change-me`); make one with "
+                             "`openssl rand -hex 32`")
+        return v
 
     # torch is imported on use only: `python -m service --help` and the docs table stay instant.
     @property
@@ -118,6 +143,13 @@ class Settings(BaseSettings):
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``REPSERVE_*`` names in ``environ`` that are no setting (a typo such as ``REPSERVE_MAX_BATH`` would
+    otherwise leave the default in force without a word)."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
 def default_text(name: str) -> str:

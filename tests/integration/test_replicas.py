@@ -14,7 +14,7 @@ from tests.servicekit import Model, answers, assert_predictions, encode, multipa
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-TOKEN = "replica-admin"
+TOKEN = "replica-admin-token-0123"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 POLL_S = 0.5
 SLACK_S = 15.0  # a loaded 2-core machine: process scheduling, the first load of the task

@@ -37,6 +37,7 @@ from training.data import FASHION_MNIST_DIR, load_dataset
 from training.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
+REGISTER_TOKEN = "t0ken-for-the-training-test"
 TINY: dict[str, Any] = {"data": "mnist", "n_train": 200, "n_val": 50, "n_test": 100, "image_size": 64, "epochs": 5,
                         "batch_size": 32, "lr": 3e-3}
 """The CI run: 35 optimizer steps, ~15 s on 2 CPU cores."""
@@ -326,15 +327,16 @@ def test_cli_trains_on_a_folder_and_registers_with_a_service(folder, service, tm
 
 def test_register_with_a_real_service(start_server, tmp_path, capsys):
     """--register against the real service process: 201, 409 without --overwrite, 401/403 with a wrong token."""
-    server = start_server(tmp_path / "served", "--admin-token", "t0ken", "--store-poll-s", "0",
+    server = start_server(tmp_path / "served", "--admin-token", REGISTER_TOKEN, "--store-poll-s", "0",
                           "--torch-threads", "1", "--log-level", "warning")
     argv = ["--data", "digits", "--task", "reg", "--method", "linear", "--image-size", "48", "--n-train", "100",
             "--n-val", "50", "--n-test", "0", "--epochs", "3", "--batch-size", "25", "--out-dir", str(tmp_path / "run"),
-            "--register", server.url, "--token", "t0ken", "--no-progress"]
+            "--register", server.url, "--token", REGISTER_TOKEN, "--no-progress"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["bundle"] == {"registered": server.url, "name": "reg", "version": 1}
-    info = httpx.get(f"{server.url}/tasks/reg", headers={"Authorization": "Bearer t0ken"}, timeout=30).json()
+    auth = {"Authorization": f"Bearer {REGISTER_TOKEN}"}
+    info = httpx.get(f"{server.url}/tasks/reg", headers=auth, timeout=30).json()
     assert (info["version"], info["method"], info["num_labels"]) == (1, "linear", 10)
     assert info["metrics"]["val_accuracy"] == summary["metrics"]["val_accuracy"]
     resume = [*argv, "--resume"]  # the finished checkpoint: publish again without retraining

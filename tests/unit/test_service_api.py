@@ -30,7 +30,7 @@ from tests.servicekit import (
     wait_for,
 )
 
-ADMIN, READER = "admin-token", "reader-token"
+ADMIN, READER = "admin-token-for-tests", "reader-token-for-tests"
 STORED = {"a": 1, "b": 2}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from service.__main__ import build_parser, main, settings_from_args
-from service.settings import ENV_PREFIX, Settings, settings_table
+from service.settings import ENV_PREFIX, Settings, settings_table, unknown_variables
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -20,11 +21,11 @@ def test_environment_with_prefix(monkeypatch):
     monkeypatch.setenv("REPSERVE_MAX_BATCH", "32")
     monkeypatch.setenv("REPSERVE_POLICY", "mixed")
     monkeypatch.setenv("REPSERVE_BACKBONE_OPTIONS", '{"img_size": 64, "depth": 3}')
-    monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", "s3cret-0f9a1c2e7b44")
     monkeypatch.setenv("REPSERVE_DTYPE", "bfloat16")
     s = Settings()
     assert (s.max_batch, s.policy, s.backbone_options) == (32, "mixed", {"img_size": 64, "depth": 3})
-    assert s.admin_token.get_secret_value() == "s3cret"
+    assert s.admin_token.get_secret_value() == "s3cret-0f9a1c2e7b44"
     assert s.torch_dtype is torch.bfloat16
     assert "s3cret" not in repr(s)
 
@@ -32,6 +33,25 @@ def test_environment_with_prefix(monkeypatch):
 def test_empty_token_means_unset(monkeypatch):
     monkeypatch.setenv("REPSERVE_CLASSIFY_TOKEN", "")
     assert Settings().classify_token is None
+
+
+@pytest.mark.parametrize(("token", "problem"), [("s3cret", "too short"), ("change-me-please-now", "placeholder"),
+                                                ("our-example-token-1234", "placeholder")])
+def test_short_or_placeholder_tokens_are_refused(monkeypatch, token, problem):
+    monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", token)
+    with pytest.raises(ValueError, match=problem):
+        Settings()
+    assert main(["--check-config"]) == 2
+
+
+def test_unknown_variables_are_reported(monkeypatch, capsys):
+    monkeypatch.setenv("REPSERVE_MAX_BATH", "3")  # a typo: max_batch stays 16
+    monkeypatch.setenv("REPSERVE_MAX_BATCH", "8")
+    assert unknown_variables(os.environ) == ["REPSERVE_MAX_BATH"]
+    assert main(["--check-config"]) == 0
+    out = capsys.readouterr()
+    assert "REPSERVE_MAX_BATH is not a RepServe setting" in out.err
+    assert "configuration valid" in out.out
 
 
 def test_invalid_values_are_refused(monkeypatch):
