@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 
 import anyio
 import torch
@@ -156,6 +157,16 @@ class Runtime:
             self.store.gc(older_than_s=self.settings.store_gc_grace_s)
         except Exception as e:  # a read-only or unreachable store must not take the replica down
             log.warning("store gc failed store=%s error=%s", self.store.url, e)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until start-up finished (for embedders that route only to ready replicas, e.g. Ray Serve);
+        raises ``RuntimeError`` if it failed or took longer than ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            if self.failure is not None:
+                raise RuntimeError(f"RepServe start-up failed: {self.failure}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(f"RepServe not ready after {timeout} s")
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.initialize, name="repserve-init", daemon=True)

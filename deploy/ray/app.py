@@ -39,18 +39,11 @@ of recently requested tasks). Memory is bounded by the service's byte-sized tier
 REPLICA_HEADER = "X-Replica"
 
 
-def _wait_ready(runtime: Runtime) -> None:
-    """Block until start-up (tasks, warm-up) finished; raise its failure so Ray retries the replica."""
-    while not runtime.ready.wait(0.1):
-        if runtime.failure is not None:
-            raise RuntimeError(f"RepServe start-up failed: {runtime.failure}")
-
-
 @contextlib.asynccontextmanager
 async def _until_ready(app: FastAPI) -> AsyncIterator[None]:
     """Runs inside the service's own lifespan (FastAPI merges a router's lifespan into the app's), so the
     runtime exists; Ray routes to a replica once its lifespan started, hence: only when ready."""
-    await anyio.to_thread.run_sync(_wait_ready, app.state.runtime)
+    await anyio.to_thread.run_sync(app.state.runtime.wait_ready)  # a failure raises: Ray retries the replica
     yield
 
 

@@ -213,3 +213,14 @@ def test_start_up_collects_old_store_leftovers_only(store, make_runtime):
     assert not old.exists()
     assert young.exists()
     assert sorted(t.name for t in runtime.registry.tasks()) == sorted(TASKS)
+
+
+def test_wait_ready_returns_when_ready_and_raises_on_failure_or_timeout(make_runtime):
+    runtime = make_runtime()
+    runtime.wait_ready(1.0)  # ready: returns at once
+    runtime.ready.clear()
+    with pytest.raises(RuntimeError, match="not ready after 0.2 s"):
+        runtime.wait_ready(0.2)
+    runtime.failure = "OSError: store unreachable"
+    with pytest.raises(RuntimeError, match="start-up failed: OSError: store unreachable"):
+        runtime.wait_ready()
