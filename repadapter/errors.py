@@ -81,3 +81,10 @@ class StoreError(RepServeError):
 
     code = "store_error"
     status_code = 503
+
+
+class StoreFull(StoreError):
+    """The store has no space left (disk or quota full): nothing was written."""
+
+    code = "store_full"
+    status_code = 507

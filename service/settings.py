@@ -37,8 +37,9 @@ class Settings(BaseSettings):
         None, description="Endpoint of an S3-compatible store (MinIO, Ceph), e.g. `http://minio:9000`; unset: AWS "
         "(or boto3's `AWS_ENDPOINT_URL`).")
     store_gc_grace_s: float = Field(
-        3600.0, ge=0, description="At start-up, remove what crashed writers left in the store (temp files, "
-        "unreferenced tensors, deleted tasks) once older than this many seconds; 0: never.")
+        3600.0, ge=0, description="After start-up, remove what crashed writers left in the store: every temp "
+        "directory of a directory store (its writers hold its lock), and on S3 unreferenced tensors and deleted "
+        "tasks once older than this many seconds (a write in flight is younger); 0: never.")
     backbone: str = Field("embedded", description="`embedded` (ImageNet MobileNetV2) or a timm architecture name.")
     checkpoint: Path | None = Field(None, description="Local backbone weights (safetensors or torch file); "
                                     "without one a non-embedded backbone is randomly initialised from `seed`.")
@@ -73,8 +74,8 @@ class Settings(BaseSettings):
         "above; decompression bombs); also the most pixels its resize to the task's input may make.")
     max_image_aspect: float = Field(
         100.0, ge=1, description="Largest ratio of an image's long side to its short side, checked on its header "
-        "(413 above): preprocessing resizes the short side to the input size, so a 200000x1 image of 300 bytes "
-        "would become 51 Gpx.")
+        "(413 above): preprocessing resizes the short side to the input size and the long side by as much, so a "
+        "300-byte 200000x1 PNG would become 51200000x256 px (39 GB).")
     decode_concurrency: int = Field(
         4, ge=1, le=256, description="Requests decoding images at once; others wait (within `request_timeout_s`). "
         "Peak decoding memory is this many times one image's: up to 8 bytes per pixel (320 MB at 40 Mpx RGBA).")

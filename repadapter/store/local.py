@@ -24,6 +24,7 @@ does it at start-up and on SIGHUP) or :meth:`LocalStore.reindex`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any
 
 from ..atomic import fsync_dir, write_file_atomic
 from ..bundle import MANIFEST_FILE, TASK_NAME, TENSORS_FILE, Manifest, PackedBundle, TaskBundle, parse_manifest
-from ..errors import BundleError, StoreError, TaskExists, TaskNotFound
+from ..errors import BundleError, StoreError, StoreFull, TaskExists, TaskNotFound
 from .base import Catalog, TaskEntry, catalog_document, parse_catalog, version_name
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,18 @@ def _write_file(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _io(what: str) -> Iterator[None]:
+    """An I/O failure of a write becomes a store error clients can act on: 507 when the disk or quota is
+    full, 503 otherwise (read-only or unreachable store). Nothing half-written is left visible either way."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(f"{what} failed: the store is full ({e.strerror})") from e
+        raise StoreError(f"{what} failed: {e.strerror or e}") from e
 
 
 def _etag(st: os.stat_result) -> str:
@@ -264,7 +277,7 @@ class LocalStore:
         Refuses an existing task unless ``overwrite`` (then it becomes a new version; old versions stay).
         """
         name = bundle.name
-        with self.lock():
+        with _io(f"writing task {name!r}"), self.lock():
             existing = self.versions(name)
             if existing and not overwrite:
                 raise TaskExists(f"task {name!r} exists (version {existing[-1]}); pass overwrite to replace it")
@@ -283,15 +296,15 @@ class LocalStore:
                 fsync_dir(task_dir)
                 fsync_dir(self.root)
                 self._update_catalog(name, before)
-            except OSError as e:
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise StoreError(f"writing task {name!r} failed: {e}") from e
+                raise
         log.info("stored task=%s version=%d bytes=%d", name, version, len(data))
         return bundle.manifest
 
     def delete(self, name: str) -> None:
         """Remove a task and all its versions (atomically invisible, then deleted)."""
-        with self.lock():
+        with _io(f"deleting task {name!r}"), self.lock():
             d = self._task_dir(name)
             if not self.versions(name):
                 raise TaskNotFound(f"no task {name!r} in the store")
@@ -304,15 +317,14 @@ class LocalStore:
         log.info("deleted task=%s", name)
 
     def gc(self, *, older_than_s: float = 0.0) -> int:
-        """Remove leftovers of crashed writers (``.tmp`` entries older than ``older_than_s``; a live writer's
-        are never touched, it holds the lock); returns how many were removed."""
-        cutoff = time.time() - older_than_s
+        """Remove leftovers of crashed writers (every ``.tmp`` entry); returns how many were removed.
+
+        Every writer holds the lock while its temp directory exists, so under the lock each entry is a dead
+        writer's, whatever its age: ``older_than_s`` (the grace an S3 store needs) is not needed here."""
         removed = 0
-        with self.lock():
+        with _io("collecting leftovers"), self.lock():
             for p in (self.root / ".tmp").iterdir():
                 with contextlib.suppress(FileNotFoundError):
-                    if p.lstat().st_mtime > cutoff:
-                        continue
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                     removed += 1
         if removed:

@@ -5,9 +5,11 @@ only the missing task."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -156,3 +158,24 @@ def test_a_complete_body_is_untouched_by_the_deadline():
     sent, _ = run_asgi(BodyDeadlineMiddleware(_body_echo, timeout_s=0.3), [b"a" * 5, b"b" * 7], stall=False)
     assert sent[0]["status"] == 200
     assert json.loads(sent[1]["body"]) == {"got": 12}
+
+
+@pytest.mark.parametrize(("errno_", "status", "code"), [(errno.ENOSPC, 507, "store_full"),
+                                                        (errno.EROFS, 503, "store_error")])
+def test_a_full_or_read_only_store_refuses_registration_and_keeps_classifying(client, model, monkeypatch, images,
+                                                                              errno_, status, code):
+    before = client.get("/tasks").json()
+    import repadapter.store.local as local
+
+    def failing_write(path, data) -> None:
+        raise OSError(errno_, os.strerror(errno_), str(path))
+
+    monkeypatch.setattr(local, "_write_file", failing_write)
+    r = client.post("/tasks", files=multipart_bundle(model.bundle("nospace", 9)))
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == code
+    assert os.strerror(errno_) in r.json()["detail"]
+    assert client.get("/tasks").json() == before
+    assert client.get("/tasks/nospace").status_code == 404
+    ok = client.post("/classify?task=kept", content=images[0], headers={"Content-Type": "image/jpeg"})
+    assert ok.status_code == 200, ok.text

@@ -4,9 +4,7 @@ and garbage collection that never touches a readable version."""
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -186,12 +184,14 @@ def test_open_store_picks_the_backend_by_url(tmp_path, s3_endpoint):
         open_store("s3://no-such-bucket-here/x", endpoint_url=s3_endpoint)
 
 
-def test_local_gc_keeps_young_leftovers(store):
+def test_local_gc_removes_every_leftover_under_the_lock_and_waits_for_a_writer(store):
+    """Writers hold the lock while their temp directory exists: gc under the lock may remove all it finds,
+    however young, and a writer in flight (holding the lock) makes it wait instead."""
     leftover = store.root / ".tmp" / "flowers-abc"
     leftover.mkdir()
-    assert store.gc(older_than_s=3600) == 0
-    assert leftover.exists()
-    old = time.time() - 7200
-    os.utime(leftover, (old, old))
+    (leftover / "adapter.safetensors").write_bytes(b"half")
     assert store.gc(older_than_s=3600) == 1
     assert not leftover.exists()
+    slow = LocalStore(store.root, lock_timeout_s=0.2)
+    with store.lock(), pytest.raises(StoreError, match="locked"):
+        slow.gc()
