@@ -78,7 +78,8 @@ class Settings(BaseSettings):
         "300-byte 200000x1 PNG would become 51200000x256 px (39 GB).")
     decode_concurrency: int = Field(
         4, ge=1, le=256, description="Requests decoding images at once; others wait (within `request_timeout_s`). "
-        "Peak decoding memory is this many times one image's: up to 8 bytes per pixel (320 MB at 40 Mpx RGBA).")
+        "Peak decoding memory is this many times one image's: about 9 bytes per pixel at worst (340 MB for a 40 Mpx "
+        "RGBA PNG, 160 MB for RGB).")
     max_bundle_bytes: int = Field(512 << 20, ge=1, description="Largest task upload to POST /tasks, in bytes.")
     host_cache_bytes: ByteSize = Field(
         "1GiB", description="Host tier: verified task bundles kept in memory, least recently used evicted first "

@@ -29,11 +29,10 @@ from repadapter import (
     TaskBundle,
     WeightSwitcher,
     attach_slots,
-    build_transform,
-    decode_image,
     load_backbone,
 )
 from repadapter.inject import Site
+from repadapter.preprocess import preprocess_batch
 from service.lifecycle import Runtime
 from service.metrics import Metrics
 from service.settings import Settings
@@ -81,8 +80,7 @@ class Model:
     @torch.no_grad()
     def predict(self, bundle: TaskBundle, images: list[bytes], top_k: int = 5) -> Predictions:
         """Offline merged predictions of ``bundle`` for encoded ``images``."""
-        transform = build_transform(bundle.manifest.preprocess)
-        x = torch.stack([transform(decode_image(b)) for b in images])
+        x = preprocess_batch(images, bundle.manifest.preprocess)  # the service's decode and preprocessing
         delta = self.switcher.prepare(bundle.name, bundle.adapters) if bundle.adapters else None
         self.switcher.activate(delta)
         try:

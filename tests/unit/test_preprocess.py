@@ -11,6 +11,7 @@ from PIL import Image
 
 from repadapter import PreprocessConfig, build_transform, decode_image
 from repadapter.errors import ImageError, PayloadTooLarge
+from repadapter.preprocess import ImageLimits
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -53,11 +54,11 @@ def test_limits_and_garbage():
     with pytest.raises(ImageError, match="empty"):
         decode_image(b"")
     with pytest.raises(PayloadTooLarge, match="bytes"):
-        decode_image(b"x" * 101, max_bytes=100)
+        decode_image(b"x" * 101, ImageLimits(max_bytes=100))
     big = _encode(Image.new("L", (2000, 2000)))  # small file, many pixels: a decompression bomb shape
     assert len(big) < 50_000
     with pytest.raises(PayloadTooLarge, match="pixels"):
-        decode_image(big, max_pixels=1_000_000)
+        decode_image(big, ImageLimits(max_pixels=1_000_000))
     truncated = _encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")[:200]
     with pytest.raises(ImageError):
         decode_image(truncated)

@@ -188,7 +188,8 @@ def test_classify_errors(client, kwargs, status, code):
 def test_error_names_the_offending_image(client, images):
     detail = error(client.post("/classify?task=a", files=[*files(images[0]), ("files", ("bad.jpg", b"xx", "a/b"))]),
                    415, "unsupported_media")
-    assert detail == "image 1 (bad.jpg): not a decodable image: unknown or unsupported format"
+    assert detail == ("image 1 (bad.jpg): not a decodable image: unknown or unsupported format (accepted: JPEG, "
+                      "PNG, GIF, WEBP, BMP, TIFF, PPM, AVIF)")
 
 
 def test_limits_give_413(strict, images):
