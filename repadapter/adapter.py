@@ -36,6 +36,8 @@ def shape_problem(shapes: dict[str, tuple[int, ...]], dim: int, groups: int) -> 
     """What keeps an adapter with parameter ``shapes`` (``weight_a``, ``bias_a``, ``weight_b``, ``bias_b``)
     from fitting an input of width ``dim`` with ``groups``, or ``""``: the one statement of the shape rules."""
     r = shapes["weight_a"][0]
+    if r < 1:
+        return "weight_a has no rows: an adapter needs hidden >= 1 (a task without adapters has none at all)"
     if groups < 1 or r % groups or dim % groups:
         return f"hidden={r} and dim={dim} must both be divisible by groups={groups}"
     want = {"weight_a": (r, dim), "bias_a": (r,), "weight_b": (dim, r // groups), "bias_b": (dim,)}

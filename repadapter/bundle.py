@@ -1,8 +1,10 @@
 """Task bundles: ``manifest.json`` (pydantic, schema-versioned) + ``adapter.safetensors``.
 
-Tensor keys: ``adapter.<site>.<weight_a|bias_a|weight_b|bias_b>`` for every adapted site (site = slot
-path, e.g. ``blocks.3.adapter_attn``) and ``head.weight [C, F]``, ``head.bias [C]``. Bundles load with
-safetensors only (never pickle), and every check runs before a bundle can touch a backbone.
+Tensor keys: ``adapter.<site>.<weight_a|bias_a|weight_b|bias_b>`` for every site of the manifest's
+placement (site = slot path, e.g. ``blocks.3.adapter_attn``; none when ``adapter.hidden`` is 0) and
+``head.weight [C, F]``, ``head.bias [C]``, all float32. Bundles load with safetensors only (never pickle),
+and every check runs before a bundle can touch a backbone. The adapter scale and groups are stored once,
+in the manifest.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,7 +26,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .adapter import AdapterWeights, shape_problem
-from .errors import BackboneMismatch, BundleError, ChecksumMismatch
+from .errors import BackboneMismatch, BundleError, CheckpointError, ChecksumMismatch
 from .inject import PLACEMENTS, Site
 from .preprocess import PreprocessConfig
 
@@ -32,6 +35,12 @@ MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "adapter.safetensors"
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _PARAMS = ("weight_a", "bias_a", "weight_b", "bias_b")
+MAX_SCALE = 1e3
+"""Largest ``|adapter.scale|`` a manifest may declare (the paper searches 0.1..10)."""
+MAX_ABS_VALUE = 1e6
+"""Largest ``|value|`` of a bundle tensor, far above what training produces: it names absurd tensors (1e18,
+3e38) before any compute. No cheap bound rules out an overflow somewhere in a deep network, so the real
+guard is the probe forward at registration (``service.validation``)."""
 
 
 class AdapterConfig(BaseModel):
@@ -41,7 +50,7 @@ class AdapterConfig(BaseModel):
 
     hidden: int = Field(8, ge=0, le=4096)
     groups: int = Field(2, ge=1)
-    scale: float = Field(1.0, allow_inf_nan=False)
+    scale: float = Field(1.0, ge=-MAX_SCALE, le=MAX_SCALE, allow_inf_nan=False)
     placement: str = "block"
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -51,6 +60,12 @@ class AdapterConfig(BaseModel):
         if v not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}")
         return v
+
+    @model_validator(mode="after")
+    def _groups_divide_hidden(self) -> AdapterConfig:
+        if self.hidden % self.groups:
+            raise ValueError(f"hidden={self.hidden} must be divisible by groups={self.groups}")
+        return self
 
 
 class BackboneRef(BaseModel):
@@ -109,6 +124,15 @@ class TaskBundle:
     adapters: dict[str, AdapterWeights]
     head_weight: Tensor  # [C, F]
     head_bias: Tensor  # [C]
+
+    def __post_init__(self) -> None:
+        """Refuse adapters whose scale or groups differ from the manifest's: the file stores them once (in
+        the manifest), so a mismatch would otherwise be served silently at the manifest's value."""
+        cfg = self.manifest.adapter
+        for site, w in self.adapters.items():
+            if float(w.scale) != cfg.scale or w.groups != cfg.groups:
+                raise BundleError(f"task {self.name!r}: adapter {site} has scale={w.scale}, groups={w.groups}; the "
+                                  f"manifest's adapter config says scale={cfg.scale}, groups={cfg.groups}")
 
     @property
     def name(self) -> str:
@@ -182,17 +206,35 @@ def check_backbone(manifest: Manifest, arch: str, fingerprint: str) -> None:
                                f"({ref.fingerprint[:12]}), this server runs {arch} ({fingerprint[:12]})")
 
 
+def _placement_sites(names: list[str] | tuple[str, ...], placement: str) -> list[str]:
+    """The sites of ``placement`` among a backbone's ``block`` sites (``attn``: the attention inputs only)."""
+    return [n for n in names if placement == "block" or n.endswith(f".adapter_{placement}")]
+
+
 @functools.lru_cache(maxsize=256)
-def _layout_problem(layout: Layout, groups: int, site_dims: tuple[tuple[str, int], ...], num_features: int) -> str:
-    """What keeps bundles of ``layout`` from fitting a backbone with ``site_dims``, or ``""``."""
+def _layout_problem(layout: Layout, groups: int, placement: str, site_dims: tuple[tuple[str, int], ...],
+                    num_features: int) -> str:
+    """What keeps bundles of ``layout`` from fitting a backbone with ``site_dims``, or ``""``. A bundle with
+    adapters must have them at every site of its placement and nowhere else: one missing would serve a
+    different function from the one trained, without an error."""
     shapes = {key: shape for key, _, shape in layout}
     if shapes["head.weight"][1] != num_features:
         return f"head takes {shapes['head.weight'][1]} features, the backbone gives {num_features}"
     dims = dict(site_dims)
-    unknown = [n for n in layout_sites(layout) if n not in dims]
+    present = layout_sites(layout)
+    unknown = [n for n in present if n not in dims]
     if unknown:
         return f"adapters for sites this backbone does not have: {unknown[:5]}"
-    for name in layout_sites(layout):
+    if present:
+        wanted = _placement_sites(list(dims), placement)
+        missing = [n for n in wanted if n not in present]
+        if missing:
+            return (f"no adapters for {len(missing)} of the {len(wanted)} sites of placement {placement!r}: "
+                    f"{missing[:5]}")
+        outside = [n for n in present if n not in wanted]
+        if outside:
+            return f"adapters at sites outside placement {placement!r}: {outside[:5]}"
+    for name in present:
         problem = shape_problem({p: shapes[f"adapter.{name}.{p}"] for p in _PARAMS}, dims[name], groups)
         if problem:
             return f"adapter {name}: {problem}"
@@ -229,16 +271,18 @@ class PackedBundle:
 
     @classmethod
     def from_tensors(cls, manifest: Manifest, tensors: dict[str, Tensor]) -> PackedBundle:
-        """Check keys, shapes (head vs labels, each site's four parameters, hidden size vs the manifest) and
-        values (finite floating point), then pack. Raises :class:`BundleError` naming what is wrong."""
+        """Check keys, dtypes (float32, as bundles are written), shapes (head vs labels, each site's four
+        parameters, hidden size vs the manifest: none at all when it is 0) and values (finite, at most
+        :data:`MAX_ABS_VALUE`), then pack. Raises :class:`BundleError` naming what is wrong."""
         name, cfg = manifest.name, manifest.adapter
         for key in ("head.weight", "head.bias"):
             if key not in tensors:
                 raise BundleError(f"task {name!r}: missing tensor {key!r}")
         sites: dict[str, dict[str, Tensor]] = {}
         for key, t in tensors.items():
-            if not t.is_floating_point():
-                raise BundleError(f"task {name!r}: tensor {key!r} is not floating point")
+            if t.dtype != torch.float32:
+                raise BundleError(f"task {name!r}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; "
+                                  "bundle tensors are float32")
             if key.startswith("head."):
                 if key not in ("head.weight", "head.bias"):
                     raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
@@ -248,6 +292,9 @@ class PackedBundle:
             if prefix != "adapter" or param not in _PARAMS or not site:
                 raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
             sites.setdefault(site, {})[param] = t
+        if sites and not cfg.hidden:
+            raise BundleError(f"task {name!r}: the manifest's adapter.hidden is 0 (no adapters) but the bundle has "
+                              f"adapter tensors for {len(sites)} sites, e.g. {sorted(sites)[:3]}")
         for site, params in sites.items():
             missing = set(_PARAMS) - set(params)
             if missing:
@@ -268,6 +315,10 @@ class PackedBundle:
         if not torch.isfinite(buffer).all():
             bad = next(k for k in keys if not torch.isfinite(tensors[k]).all())
             raise BundleError(f"task {name!r}: tensor {bad!r} is not finite (inf or NaN values)")
+        if buffer.numel() and buffer.abs().max() > MAX_ABS_VALUE:
+            bad = next(k for k in keys if tensors[k].numel() and tensors[k].abs().max() > MAX_ABS_VALUE)
+            raise BundleError(f"task {name!r}: tensor {bad!r} has values up to {tensors[bad].abs().max().item():.3g}; "
+                              f"bundle values are bounded by {MAX_ABS_VALUE:g}")
         layout, offset = [], 0
         for k in keys:
             layout.append((k, offset, tuple(tensors[k].shape)))
@@ -292,8 +343,9 @@ class PackedBundle:
         """:meth:`TaskBundle.check_compatible` from the layout alone (no tensor is touched), remembered per
         layout: thousands of tasks of one backbone share a handful of layouts."""
         check_backbone(self.manifest, arch, fingerprint)
-        problem = _layout_problem(self.layout, self.manifest.adapter.groups,
-                                  tuple((s.name, s.dim) for s in sites), num_features)
+        cfg = self.manifest.adapter
+        problem = _layout_problem(self.layout, cfg.groups, cfg.placement, tuple((s.name, s.dim) for s in sites),
+                                  num_features)
         if problem:
             raise BundleError(f"task {self.name!r}: {problem}")
 
@@ -317,34 +369,106 @@ class PackedBundle:
         return TaskBundle(self.manifest, adapters, tensors["head.weight"], tensors["head.bias"])
 
 
+_OFFICIAL_KEY = re.compile(r"^(blocks\.\d+\.adapter_(?:attn|mlp))\.(conv_[AB])\.(weight|bias)$")
+_OFFICIAL_PARAMS = ("conv_A.weight", "conv_A.bias", "conv_B.weight", "conv_B.bias")
+_HEAD_KEYS = ("head.weight", "head.bias")
+
+
+@dataclass
+class OfficialCheckpoint:
+    """What :func:`import_official` read: adapters for every site, and the classifier head when present."""
+
+    adapters: dict[str, AdapterWeights]
+    head_weight: Tensor | None  # [C, F]
+    head_bias: Tensor | None  # [C]
+
+    @property
+    def num_classes(self) -> int | None:
+        """Rows of the imported head (the manifest needs as many labels), ``None`` without a head."""
+        return None if self.head_weight is None else self.head_weight.shape[0]
+
+    def bundle(self, manifest: Manifest) -> TaskBundle:
+        """A checked :class:`TaskBundle` of this checkpoint under ``manifest`` (its labels must match the head,
+        its adapter config the adapters' hidden size, groups and scale)."""
+        if self.head_weight is None or self.head_bias is None:
+            raise CheckpointError("the checkpoint has no head (head.weight, head.bias): a task needs one; train a "
+                                  "head for these adapters or take it from elsewhere")
+        bundle = TaskBundle(manifest, self.adapters, self.head_weight, self.head_bias)
+        bundle.pack()  # every bundle check: hidden size, head vs labels, values
+        return bundle
+
+
 def import_official(
-    state_dict: dict[str, Tensor], *, scale: float, groups: int | None = None
-) -> dict[str, AdapterWeights]:
-    """Adapters from a checkpoint of the official RepAdapter code (luogen1996/RepAdapter).
+    state_dict: dict[str, Tensor], *, scale: float, sites: Sequence[Site], groups: int | None = None
+) -> OfficialCheckpoint:
+    """Adapters (and the head) from a checkpoint of the official RepAdapter code (luogen1996/RepAdapter).
 
     Keys ``blocks.{i}.adapter_{attn,mlp}.conv_A.weight [r, d, 1]``, ``conv_A.bias [r]``,
-    ``conv_B.weight [d, r/G, 1]``, ``conv_B.bias [d]``; the scale is not stored (the user gives it) and
-    ``groups`` is inferred as ``r / conv_B.weight.shape[1]``. Site names come out as ours
-    (``blocks.{i}.adapter_attn``), so no key is renamed elsewhere. Non-adapter keys other than ``head.*``
-    are refused, unlike the official ``strict=False`` loader.
+    ``conv_B.weight [d, r/G, 1]``, ``conv_B.bias [d]``, and optionally ``head.weight [C, F]``,
+    ``head.bias [C]``. The scale is not stored (the user gives it); ``groups`` is inferred as
+    ``r / conv_B.weight.shape[1]``. Site names come out as ours (``blocks.{i}.adapter_attn``).
+
+    Strict, unlike the official ``strict=False`` loader, because every gap would change the served function
+    silently: ``sites`` (``attach_slots(model, placement)`` of the backbone) must each have all four keys
+    (a missing site is named, not served as the identity); convs must have kernel size 1 (a wider kernel
+    mixes neighbouring tokens and cannot fold into a linear map; truncating it to one tap would be wrong);
+    a checkpoint without adapter keys (empty, head-only) and any other key are refused. Raises
+    :class:`CheckpointError` naming the keys.
+
+    Integrity: a ``.pt`` file has no checksum, so a corrupted one loads as long as it parses; compare its
+    sha256 with the publisher's before importing. Once imported, the bundle's sha256 is recorded and
+    verified on every read. Load the file with ``torch.load(path, weights_only=True)`` (never pickle).
     """
-    pat = re.compile(r"^(blocks\.\d+\.adapter_(?:attn|mlp))\.(conv_[AB])\.(weight|bias)$")
     found: dict[str, dict[str, Tensor]] = {}
+    head: dict[str, Tensor] = {}
     for key, t in state_dict.items():
-        if key.startswith("head."):
+        if key in _HEAD_KEYS:
+            head[key] = t
             continue
-        m = pat.match(key)
+        m = _OFFICIAL_KEY.match(key)
         if m is None:
-            raise BundleError(f"unexpected key in RepAdapter checkpoint: {key!r}")
+            raise CheckpointError(f"unexpected key in RepAdapter checkpoint: {key!r}")
         found.setdefault(m.group(1), {})[f"{m.group(2)}.{m.group(3)}"] = t
+    if not found:
+        raise CheckpointError("no adapter keys (blocks.<i>.adapter_{attn,mlp}.conv_{A,B}.{weight,bias}) in the "
+                              f"checkpoint; it holds {sorted(state_dict)[:6] or 'nothing'}")
+    dims = {s.name: s.dim for s in sites}
+    unknown = sorted(set(found) - set(dims))
+    if unknown:
+        raise CheckpointError(f"adapters for sites the given sites do not include: {unknown[:5]}")
+    missing = [n for n in dims if n not in found]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no adapters for {len(missing)} of the {len(dims)} sites: "
+                              f"{missing[:8]}")
     out = {}
     for site, p in found.items():
-        if len(p) != 4:
-            raise BundleError(f"{site}: expected conv_A/conv_B weight and bias, got {sorted(p)}")
-        a, b = p["conv_A.weight"], p["conv_B.weight"]
-        if a.ndim != 3 or b.ndim != 3:
-            raise BundleError(f"{site}: conv weights must be [out, in, 1]")
-        g = groups if groups is not None else a.shape[0] // b.shape[1]
-        out[site] = AdapterWeights(a[:, :, 0].float(), p["conv_A.bias"].float(), b[:, :, 0].float(),
-                                   p["conv_B.bias"].float(), g, scale)
-    return out
+        lacking = [k for k in _OFFICIAL_PARAMS if k not in p]
+        if lacking:
+            raise CheckpointError(f"{site} lacks {[f'{site}.{k}' for k in lacking]}")
+        for k in _OFFICIAL_PARAMS:
+            t, want = p[k], 3 if k.endswith("weight") else 1
+            if not t.is_floating_point() or t.ndim != want or (want == 3 and t.shape[-1] != 1):
+                raise CheckpointError(f"{site}.{k} has shape {tuple(t.shape)} ({t.dtype}); expected a floating "
+                                      f"{'[out, in, 1] kernel-size-1 conv weight' if want == 3 else 'vector'}")
+        a, b = p["conv_A.weight"][:, :, 0], p["conv_B.weight"][:, :, 0]
+        if a.shape[0] % b.shape[1]:
+            raise CheckpointError(f"{site}: conv_A has {a.shape[0]} outputs, not a multiple of conv_B's "
+                                  f"{b.shape[1]} inputs per group")
+        w = AdapterWeights(a.float(), p["conv_A.bias"].float(), b.float(), p["conv_B.bias"].float(),
+                           groups if groups is not None else a.shape[0] // b.shape[1], scale)
+        try:
+            w.validate(dims[site])
+        except ValueError as e:
+            raise CheckpointError(f"{site}: {e}") from e
+        out[site] = w
+    configs = {(w.hidden, w.groups) for w in out.values()}
+    if len(configs) > 1:
+        raise CheckpointError(f"the sites' adapters differ in (hidden, groups): {sorted(configs)}; a task has one")
+    if not head:
+        return OfficialCheckpoint(out, None, None)
+    lacking = [k for k in _HEAD_KEYS if k not in head]
+    hw, hb = head.get("head.weight"), head.get("head.bias")
+    if lacking or hw.ndim != 2 or hb.shape != (hw.shape[0],) or not hw.is_floating_point():
+        raise CheckpointError(f"the checkpoint's head is incomplete or inconsistent: "
+                              f"{ {k: tuple(t.shape) for k, t in head.items()} }, lacking {lacking}")
+    return OfficialCheckpoint(out, hw.float(), hb.float())

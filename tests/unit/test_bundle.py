@@ -9,7 +9,7 @@ import torch
 
 from repadapter import AdapterWeights, BackboneRef, Manifest, PackedBundle, TaskBundle, WeightSwitcher, attach_slots
 from repadapter.bundle import import_official, parse_manifest
-from repadapter.errors import BackboneMismatch, BundleError, ChecksumMismatch
+from repadapter.errors import BackboneMismatch, BundleError, CheckpointError, ChecksumMismatch
 from tests.conftest import image_batch, random_adapters, rel_err
 
 
@@ -93,31 +93,90 @@ def test_invalid_manifest_names_the_field(patch, field):
         parse_manifest(b"{not json")
 
 
+def official_state_dict(adapters: dict[str, AdapterWeights], classes: int = 3, features: int = 192) -> dict:
+    """``adapters`` in the official RepAdapter layout (Conv1d weights ``[out, in, 1]``), with a head."""
+    g = torch.Generator().manual_seed(9)
+    sd = {}
+    for site, w in adapters.items():
+        sd[f"{site}.conv_A.weight"] = w.weight_a[:, :, None].clone()
+        sd[f"{site}.conv_A.bias"] = w.bias_a.clone()
+        sd[f"{site}.conv_B.weight"] = w.weight_b[:, :, None].clone()
+        sd[f"{site}.conv_B.bias"] = w.bias_b.clone()
+    sd["head.weight"] = torch.randn(classes, features, generator=g)
+    sd["head.bias"] = torch.randn(classes, generator=g)
+    return sd
+
+
 def test_import_official_checkpoint_layout(tiny_vit, photos):
-    """A state dict in the official RepAdapter layout (Conv1d weights) serves like our own adapters."""
+    """A state dict in the official RepAdapter layout (Conv1d weights) serves like our own adapters, and its
+    head comes with it."""
     bb = tiny_vit()
     sites = attach_slots(bb.model)
     ours = random_adapters(sites, seed=4, groups=2)
-    official = {}
-    for site, w in ours.items():
-        official[f"{site}.conv_A.weight"] = w.weight_a[:, :, None].clone()
-        official[f"{site}.conv_A.bias"] = w.bias_a.clone()
-        official[f"{site}.conv_B.weight"] = w.weight_b[:, :, None].clone()
-        official[f"{site}.conv_B.bias"] = w.bias_b.clone()
-    official["head.weight"] = torch.zeros(3, bb.num_features)
-    official["head.bias"] = torch.zeros(3)
-    imported = import_official(official, scale=1.0)
-    assert set(imported) == set(ours)
-    assert all(w.groups == 2 for w in imported.values())
+    official = official_state_dict(ours, features=bb.num_features)
+    imported = import_official(official, scale=1.0, sites=sites)
+    assert set(imported.adapters) == set(ours)
+    assert all(w.groups == 2 for w in imported.adapters.values())
+    assert imported.num_classes == 3
+    assert torch.equal(imported.head_weight, official["head.weight"])
     x = image_batch(photos, bb)
     sw = WeightSwitcher(sites)
     with torch.no_grad():
         sw.activate(sw.prepare("ours", ours))
         ref = bb.model(x)
-        sw.activate(sw.prepare("official", imported))
+        sw.activate(sw.prepare("official", imported.adapters))
         assert rel_err(bb.model(x), ref) == 0.0
-    with pytest.raises(BundleError, match="unexpected key"):
-        import_official({"blocks.0.attn.qkv.weight": torch.zeros(1)}, scale=1.0)
+    bundle = imported.bundle(make_bundle(bb, sites).manifest)  # 3 labels, hidden 8, groups 2, scale 1
+    bundle.check_compatible(bb.arch, bb.fingerprint, sites, bb.num_features)
+    assert torch.equal(bundle.head_bias, official["head.bias"])
+    with pytest.raises(BundleError, match="head has 3 outputs but 4 labels"):
+        imported.bundle(make_bundle(bb, sites, classes=4).manifest)
+    manifest = make_bundle(bb, sites).manifest
+    rescaled = manifest.model_copy(update={"adapter": manifest.adapter.model_copy(update={"scale": 2.0})})
+    with pytest.raises(BundleError, match=r"scale=1.0, groups=2; the manifest's adapter config says scale=2.0"):
+        imported.bundle(rescaled)
+
+
+def _conv3(sd: dict) -> None:
+    key = "blocks.1.adapter_mlp.conv_B.weight"
+    sd[key] = torch.cat([sd[key]] * 3, dim=2)  # [192, 4, 3]: a kernel that mixes neighbouring tokens
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("blocks.2.adapter_mlp.")],
+     r"no adapters for 1 of the 6 sites: \['blocks.2.adapter_mlp'\]"),
+    (lambda sd: sd.pop("blocks.0.adapter_attn.conv_B.bias"), r"lacks \['blocks.0.adapter_attn.conv_B.bias'\]"),
+    (_conv3, r"blocks.1.adapter_mlp.conv_B.weight has shape \(192, 4, 3\).*kernel-size-1"),
+    (lambda sd: [sd.pop(k) for k in list(sd) if not k.startswith("head.")], "no adapter keys"),
+    (lambda sd: sd.clear(), "no adapter keys.*nothing"),
+    (lambda sd: sd.__setitem__("blocks.0.attn.qkv.weight", torch.zeros(1)), "unexpected key"),
+    (lambda sd: sd.__setitem__("blocks.7.adapter_attn.conv_A.weight", torch.zeros(8, 192, 1)),
+     r"sites the given sites do not include: \['blocks.7.adapter_attn'\]"),
+    (lambda sd: sd.pop("head.bias"), r"head is incomplete.*lacking \['head.bias'\]"),
+    (lambda sd: sd.__setitem__("blocks.0.adapter_attn.conv_A.bias", torch.zeros(8).long()), "floating"),
+    (lambda sd: sd.__setitem__("blocks.0.adapter_attn.conv_B.bias", torch.full((192,), float("nan"))),
+     "non-finite"),
+])
+def test_import_official_refuses_incomplete_checkpoints(tiny_vit, edit, says):
+    """Every gap is named instead of imported: a missing site would be served as the identity (logits 7.7e-2
+    off the official model's), a 3-tap conv truncated to one tap, a head-only checkpoint imported as nothing."""
+    bb = tiny_vit()
+    sites = attach_slots(bb.model)
+    sd = official_state_dict(random_adapters(sites, seed=4), features=bb.num_features)
+    edit(sd)
+    with pytest.raises(CheckpointError, match=says):
+        import_official(sd, scale=1.0, sites=sites)
+
+
+def test_import_official_without_head_gives_adapters_but_no_bundle(tiny_vit):
+    bb = tiny_vit()
+    sites = attach_slots(bb.model, "attn")  # the official attention-only placement
+    sd = {k: v for k, v in official_state_dict(random_adapters(sites, seed=4)).items() if not k.startswith("head.")}
+    imported = import_official(sd, scale=0.5, sites=sites)
+    assert (set(imported.adapters), imported.num_classes) == ({s.name for s in sites}, None)
+    assert {w.scale for w in imported.adapters.values()} == {0.5}
+    with pytest.raises(CheckpointError, match="no head"):
+        imported.bundle(make_bundle(bb, sites).manifest)
 
 
 def test_official_grouped_conv_semantics_match():
