@@ -25,8 +25,9 @@ import time
 
 import anyio
 import torch
+from torch import Tensor
 
-from repadapter import WeightSwitcher, attach_slots, load_backbone
+from repadapter import WeightSwitcher, attach_slots, load_backbone, mixed_batch
 from repadapter.bundle import PackedBundle
 from repadapter.errors import UnsupportedBackbone
 from repadapter.inject import Site
@@ -36,9 +37,9 @@ from . import __version__
 from .engine import Engine, EngineConfig
 from .metrics import Metrics, StateSource
 from .registry import SyncReport, TaskRef, TaskRegistry, builtin_bundle
-from .residency import Residency, ResidencyConfig
+from .residency import DeviceTask, Residency, ResidencyConfig
 from .settings import Settings
-from .validation import TaskValidator
+from .validation import TaskValidator, check_probe, probe_input
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,39 @@ class Runtime:
         return report
 
     def register(self, packed: PackedBundle, *, overwrite: bool = False) -> TaskRef:
-        """Validate a bundle completely (tensors, input size on the engine, the fold into the base weights),
-        write it to the store as the task's next version and serve it at once, already resident."""
+        """Validate a bundle completely (tensors, input size on the engine, its preprocessing and the fold into
+        the base weights, a probe forward whose logits must be finite), then write it to the store as the
+        task's next version and serve it at once, already resident. A refused bundle leaves nothing behind:
+        the device entry built for the checks is dropped, nothing is written."""
         self.registry.validator.check_bundle(packed)
         self.engine.check_shape(packed.manifest.preprocess.input_size)
+        x = probe_input(packed.manifest)
         entry = self.residency.build(packed, fold=True)
+        self.engine.call(functools.partial(self._probe, packed.name, entry, x))
         task, replaced = self.registry.register(packed, overwrite=overwrite)
         self.residency.admit(task, PackedBundle(task.manifest, packed.buffer, packed.layout), entry)
         if replaced is not None and not replaced.builtin:
             self.residency.forget([replaced])
         return task
+
+    def _probe(self, name: str, entry: DeviceTask, x: Tensor) -> None:
+        """On the engine's worker: the task on ``x [1, 3, H, W]`` as a mixed batch runs it (the base weights
+        live, its row folds applied, its head in the serving dtype); refuses non-finite output."""
+        try:
+            self.residency.activate(None, None)
+        except BaseException:
+            self.residency.reset()
+            raise
+        x = x.to(self.backbone.device, self.backbone.dtype)
+        with torch.no_grad():
+            if entry.folds is None:
+                feats = self.backbone.model(x)
+            else:
+                rows = torch.zeros(1, dtype=torch.long, device=self.backbone.device)
+                with mixed_batch(self.sites, [entry.folds], rows):
+                    feats = self.backbone.model(x)
+            logits = torch.addmm(entry.head_bias, feats, entry.head_weight.t())  # [1, C]
+        check_probe(name, self.backbone.dtype, feats, logits)
 
     def delete(self, name: str) -> TaskRef | None:
         """Delete a task from the store and stop serving it (queued requests still finish)."""
