@@ -1,8 +1,9 @@
 """Task bundle archives (``.zip``, ``.tar``, ``.tar.gz``) read in memory, safely.
 
 Only the two bundle files are read (``manifest.json``, ``adapter.safetensors``, at any depth, exactly
-one of each); nothing is ever extracted to disk, links and other members are ignored, and declared and
-actual sizes are bounded (zip and gzip bombs).
+one of each); nothing is ever extracted to disk, links and other members are ignored, members (and link
+targets) that would escape the archive's folder are refused, and declared and actual sizes are bounded
+(zip and gzip bombs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from repadapter.errors import PayloadTooLarge
 from .errors import MalformedRequest
 
 WANTED = (MANIFEST_FILE, TENSORS_FILE)
+
+
+def _check_member(name: str) -> None:
+    """Refuse a member whose path would leave the archive's folder if it were extracted (absolute, ``..``,
+    a drive or backslash path): nothing is extracted here, but such an archive is hostile or broken and
+    would be dangerous to anyone who unpacks it, so it is not stored as a task."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise MalformedRequest(f"archive member {name!r} escapes the archive's folder (absolute path or '..')")
 
 
 def _pick(names: list[str]) -> dict[str, str]:
@@ -40,6 +50,8 @@ def _check_size(name: str, size: int, limit: int) -> None:
 
 def _read_zip(data: bytes, limit: int) -> dict[str, bytes]:
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            _check_member(info.filename)
         infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
         out = {}
         for base, path in _pick(list(infos)).items():
@@ -57,6 +69,9 @@ def _read_tar(data: bytes, limit: int) -> dict[str, bytes]:
     total = 0
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tf:
         for member in tf:
+            _check_member(member.name)
+            if member.issym() or member.islnk():
+                _check_member(member.linkname)
             base = PurePosixPath(member.name).name
             wanted = member.isfile() and base in found
             if wanted:

@@ -99,3 +99,11 @@ class Unhealthy(RepServeError):
 
     code = "unhealthy"
     status_code = 503
+
+
+class ClientClosed(RepServeError):
+    """The client disconnected before its answer: its queued images were dropped unprocessed (nginx's 499;
+    nobody receives this response, it names the outcome in logs and metrics)."""
+
+    code = "client_closed_request"
+    status_code = 499

@@ -6,21 +6,24 @@ inference: past it the answer is 503 ``timeout`` (with ``Retry-After``), whateve
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Annotated
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from repadapter.errors import ImageError, PayloadTooLarge
 
 from ..deps import ReadyRuntime, require_reader
-from ..errors import MalformedRequest
+from ..errors import ClientClosed, MalformedRequest
 from ..images import Deadline, ImageLimits, decode_slots, preprocess_async
 from ..schemas import ClassifyResponse, ErrorBody, ImageResult, Prediction, Timings
 from ..settings import Settings
 from ..uploads import Upload, media_type, read_body, read_files
 
 router = APIRouter(tags=["classify"])
+T = TypeVar("T")
 
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 500, 503)}
 _BODY = {
@@ -52,6 +55,29 @@ async def _uploads(request: Request, s: Settings) -> list[Upload]:
                      f"got {kind or 'no Content-Type'}")
 
 
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first: then ``work`` is cancelled, which drops its queued
+    images unprocessed (the engine skips abandoned items), and :class:`ClientClosed` is raised. The body has
+    been read by now, so the next ASGI message can only be ``http.disconnect``."""
+    job = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also on cancellation from outside (the request deadline)
+        for f in (job, watcher):
+            if not f.done():
+                f.cancel()
+        await asyncio.gather(job, watcher, return_exceptions=True)
+    if not job.cancelled():  # finished first (or together with the disconnect): its answer or its error
+        return job.result()
+    raise ClientClosed("the client disconnected before its answer; its images were not processed")
+
+
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_BODY,
              dependencies=[Depends(require_reader)])
 async def classify(
@@ -73,7 +99,7 @@ async def classify(
                                ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_image_aspect), deadline,
                                decode_slots(request.app.state, s.decode_concurrency))
     decoded = time.perf_counter()
-    result = await deadline.run(runtime.engine.submit(loaded, x, top_k),
+    result = await deadline.run(unless_disconnected(request, runtime.engine.submit(loaded, x, top_k)),
                                 "loading the task or waiting for inference; the server is overloaded")
     return ClassifyResponse(
         task=loaded.name,

@@ -456,7 +456,7 @@ def test_resize_bombs_stay_bounded_in_a_fresh_process():
     assert max(out["sizes"].values()) < 10_000  # bytes on the wire
     assert len(out["errors"]) == 6, out  # every one refused...
     assert "resizing it to the task's input would make 13107200000 pixels" in out["errors"]["200000x1 resize"]
-    assert max(out["seconds"].values()) < 2.0, out  # ...quickly...
+    assert max(out["seconds"].values()) < 10.0, out  # ...quickly (was 48 s; 0.3 s quiet, slack for a busy CPU)
     # ...and without the gigabytes: peak RSS over the warmed-up process (refused on the header: ~0; decoded and
     # refused at the resize: Pillow's row pointers for 4M rows, ~80 MB)
     assert max(out["growth_mb"].values()) < 200, out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 import zipfile
 
 import pytest
@@ -56,3 +57,24 @@ def test_wrong_layouts_are_422(files, says, kind):
 def test_not_an_archive_is_422():
     with pytest.raises(MalformedRequest, match="neither a zip nor a tar"):
         read_bundle_archive(b"\x00garbage" * 100, limit=1000)
+
+
+@pytest.mark.parametrize("prefix", ["../", "a/../../", "/etc/", "C:/", "..\\\\"])
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar.gz"])
+def test_members_escaping_the_folder_are_422(prefix, kind):
+    with pytest.raises(MalformedRequest, match="escapes the archive's folder"):
+        read_bundle_archive(archive(FILES, kind, prefix=prefix), limit=1000)
+
+
+def test_a_link_pointing_outside_is_422():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in FILES.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("notes.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../etc/passwd"
+        tf.addfile(link)
+    with pytest.raises(MalformedRequest, match=r"'\.\./\.\./etc/passwd' escapes"):
+        read_bundle_archive(buf.getvalue(), limit=1000)

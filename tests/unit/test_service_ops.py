@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -179,3 +180,51 @@ def test_a_full_or_read_only_store_refuses_registration_and_keeps_classifying(cl
     assert client.get("/tasks/nospace").status_code == 404
     ok = client.post("/classify?task=kept", content=images[0], headers={"Content-Type": "image/jpeg"})
     assert ok.status_code == 200, ok.text
+
+
+def images_served(client: TestClient, task: str) -> float:
+    line = next((x for x in client.get("/metrics").text.splitlines()
+                 if x.startswith(f'repserve_images_total{{task="{task}"}}')), None)
+    return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
+
+
+def test_a_client_that_disconnects_frees_its_queued_work(client, images):
+    """The worker is held busy; a request queues, then its client leaves: the answer is 499 at once and,
+    once the worker is free again, its images are dropped unprocessed."""
+    runtime = client.app.state.runtime
+    client.post("/classify?task=kept", content=images[0], headers={"Content-Type": "image/jpeg"})  # loaded, warm
+    served = images_served(client, "kept")
+    busy = threading.Thread(target=runtime.engine.call, args=(lambda: time.sleep(1.5),))
+    busy.start()
+    time.sleep(0.2)
+
+    async def leaving_client() -> tuple[list[dict], float]:
+        body, sent = images[0], []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.3)  # queued by now; then the client goes away
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/classify", "raw_path": b"/classify", "query_string": b"task=kept",
+                 "root_path": "", "server": ("testserver", 80), "client": ("testclient", 50000),
+                 "headers": [(b"content-type", b"image/jpeg"), (b"content-length", str(len(body)).encode())]}
+        start = time.monotonic()
+        await client.app(scope, receive, send)
+        return sent, time.monotonic() - start
+
+    sent, seconds = client.portal.call(leaving_client)
+    assert sent[0]["status"] == 499
+    assert seconds < 1.2  # answered at the disconnect, not when the worker got to it
+    busy.join(10)
+    time.sleep(0.3)  # the worker runs again; the abandoned item is skipped
+    assert images_served(client, "kept") == served
+    assert client.post("/classify?task=kept", content=images[0],
+                       headers={"Content-Type": "image/jpeg"}).status_code == 200
+    assert images_served(client, "kept") == served + 1
