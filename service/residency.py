@@ -204,9 +204,11 @@ class Residency:
             packed = self._host_bundle(task)
             start = time.perf_counter()
             entry = self.build(packed, fold=self.config.eager_fold)
-        except TaskNotFound as e:  # deleted or replaced meanwhile: the next scan catches up; retry then
-            raise self._fail(task, "changed", f"task {task.name!r} version {task.version} left the store while "
-                             f"loading ({e}); retry", retry_s=0.0) from e
+        except TaskNotFound as e:  # deleted (or deleted and stored again) after the request was accepted
+            self.metrics.store_errors.labels(reason="changed").inc()
+            log.info("task load found the version gone task=%s version=%d detail=%s", task.name, task.version, e)
+            raise TaskNotFound(f"task {task.name!r} version {task.version} was deleted while this request waited "
+                               "for it to load") from e
         except RepServeError as e:
             transient = e.status_code >= 500
             raise self._fail(task, e.code, f"task {task.name!r} version {task.version} cannot be loaded: {e}",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from repadapter import LocalStore
-from repadapter.errors import BackboneMismatch
+from repadapter.errors import BackboneMismatch, TaskNotFound
 from service.errors import InferenceTimeout
 from service.lifecycle import Runtime
 from tests.servicekit import assert_predictions, runtimes, stored, wait_for
@@ -220,3 +220,13 @@ def test_wait_ready_returns_when_ready_and_raises_on_failure_or_timeout(make_run
     runtime.failure = "OSError: store unreachable"
     with pytest.raises(RuntimeError, match="start-up failed: OSError: store unreachable"):
         runtime.wait_ready()
+
+
+def test_a_version_deleted_before_its_first_load_is_404_not_503(store, make_runtime, images):
+    """A request accepted for a listed task whose version is deleted before it was ever loaded: it cannot
+    be answered by that version any more, and retrying cannot help either, so 404 (not 503 "retry")."""
+    runtime = make_runtime()
+    store.delete("c")  # the registry still lists it: no scan yet
+    with pytest.raises(TaskNotFound, match="'c' version 1 was deleted while this request waited"):
+        asyncio.run(classify(runtime, "c", images))
+    assert asyncio.run(classify(runtime, "a", images)).predictions  # the others are unaffected
