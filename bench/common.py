@@ -365,6 +365,21 @@ def fmt_s(seconds: float) -> str:
     return f"{seconds * 1e6:.3g} µs"
 
 
+def fmt_ms(v: float | None) -> str:
+    """A latency for a table (``-`` when not measured)."""
+    return "-" if v is None else f"{v:.1f} ms"
+
+
+def fmt_x(v: float | None) -> str:
+    """A ratio for a table (``-`` when not measured)."""
+    return "-" if v is None else f"x{v:.2f}"
+
+
+def fmt_num(v: float | None, spec: str = ".1f") -> str:
+    """A number for a table (``-`` when not measured)."""
+    return "-" if v is None else format(v, spec)
+
+
 def fmt_bytes(n: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:

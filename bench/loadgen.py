@@ -9,6 +9,7 @@ every server of a round gets the same sequence.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import io
@@ -26,6 +27,21 @@ from . import common
 
 MIXES = ("single", "uniform", "zipf")
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def add_load_arguments(p: argparse.ArgumentParser, *, requests: str, concurrency: str, server: str) -> None:
+    """The flags every closed-loop serving benchmark over a generated store takes (defaults in the help)."""
+    p.add_argument("--distinct", type=int, default=16, help="real bundles per store; the rest are renamed copies")
+    p.add_argument("--requests", type=int, help=f"requests per measured load ({requests})")
+    p.add_argument("--warmup-requests", type=int, help="untimed requests of the same mix before each load")
+    p.add_argument("--concurrency", type=int, help=f"closed-loop clients ({concurrency})")
+    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the zipf mix")
+    p.add_argument("--max-batch", type=int, default=16, help="most images per forward")
+    p.add_argument("--image-size", type=int, help="tasks' input size in px (default 96 for the embedded backbone)")
+    p.add_argument("--photo-px", type=int, default=128, help="width of the JPEGs sent")
+    p.add_argument("--time-cap", type=float, help="seconds after which a load sends no new request")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="client timeout per request, seconds")
+    p.add_argument("--start-timeout", type=float, default=300.0, help=f"seconds a {server} may take to be ready")
 
 
 def request_plan(mix: str, tasks: int, n: int, seed: Sequence[int], zipf_s: float) -> list[int]:

@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 
 from . import common, taskgen
-from .loadgen import load_stats, median, paired, photos, request_plan, run_load
+from .common import fmt_ms, fmt_num, fmt_x
+from .loadgen import add_load_arguments, load_stats, median, paired, photos, request_plan, run_load
 from .scale import start, tier_bytes
 from .servers import ServerProcess, free_port, sigterm_exits
 
@@ -133,18 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = common.parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, help="tasks N in the store (default 2000; quick: 40)")
     p.add_argument("--replicas", type=int, help="RepServe processes behind nginx (default 2)")
-    p.add_argument("--distinct", type=int, default=16, help="real bundles per store; the rest are renamed copies")
     p.add_argument("--budget-mib", type=int, help="task memory per replica, split over its tiers (default 64)")
-    p.add_argument("--requests", type=int, help="requests per measured load (default 600)")
-    p.add_argument("--warmup-requests", type=int, help="untimed requests of the same mix before each load")
-    p.add_argument("--concurrency", type=int, help="closed-loop clients (default 16)")
-    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the zipf mix")
-    p.add_argument("--max-batch", type=int, default=16, help="most images per forward")
-    p.add_argument("--image-size", type=int, help="tasks' input size in px (default 96 for the embedded backbone)")
-    p.add_argument("--photo-px", type=int, default=128, help="width of the JPEGs sent")
-    p.add_argument("--time-cap", type=float, help="seconds after which a load sends no new request")
-    p.add_argument("--request-timeout", type=float, default=60.0, help="client timeout per request, seconds")
-    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds a replica may take to be ready")
+    add_load_arguments(p, requests="default 600; quick: 24", concurrency="default 16; quick: 4", server="replica")
     threads = next(a for a in p._actions if a.dest == "threads")
     threads.default = 1
     threads.help = "torch threads of each replica (default 1: the replicas share the machine)"
@@ -231,12 +222,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run.finish(config, results, render, plot)
 
 
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"x{v:.2f}"
-
-
-def _f(v: float | None, spec: str = ".3f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -257,9 +242,10 @@ def render(payload: dict[str, Any]) -> str:
         common.md_table(
             ["mix", "routing", "req/s", "vs round-robin", "p50", "p99", "store loads/req", "device loads/req",
              "split tasks", "max share", "batch"],
-            [[r["mix"], r["routing"], f"{r['req_per_s']:.1f}", _x(r["vs_round_robin"]), _f(r["p50_ms"], ".1f") + " ms",
-              _f(r["p99_ms"], ".1f") + " ms", _f(r["host_loads_per_request"]), _f(r["device_loads_per_request"]),
-              f"{r['split_tasks']:.2f}", f"{r['max_share']:.2f}", _f(r["batch_mean"], ".1f")] for r in res["rows"]]),
+            [[r["mix"], r["routing"], f"{r['req_per_s']:.1f}", fmt_x(r["vs_round_robin"]), fmt_ms(r["p50_ms"]),
+              fmt_ms(r["p99_ms"]), fmt_num(r["host_loads_per_request"], ".3f"),
+              fmt_num(r["device_loads_per_request"], ".3f"), f"{r['split_tasks']:.2f}", f"{r['max_share']:.2f}",
+              fmt_num(r["batch_mean"])] for r in res["rows"]]),
     ])
 
 

@@ -44,7 +44,8 @@ from typing import Any
 import httpx
 
 from . import common, taskgen
-from .loadgen import load_stats, median, paired, percentile, photos, request_plan, run_load
+from .common import fmt_ms, fmt_x
+from .loadgen import add_load_arguments, load_stats, median, paired, percentile, photos, request_plan, run_load
 from .servers import ServerProcess, sigterm_exits, stopping
 
 TITLE = "Many tasks per replica"
@@ -188,20 +189,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = common.parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=common.csv(int), help="task counts N (default 20,1000,10000; quick: 30)")
-    p.add_argument("--distinct", type=int, default=16, help="real bundles per store; the rest are renamed copies")
     p.add_argument("--budget-mib", type=int, help="task memory per server: RepServe's tiers, the baseline's K "
                    "models (default 512; quick: 64)")
-    p.add_argument("--requests", type=int, help="requests per measured load (default 400; quick: 20)")
-    p.add_argument("--warmup-requests", type=int, help="untimed requests of the same mix before each load")
-    p.add_argument("--concurrency", type=int, help="closed-loop clients (default 16; quick: 4)")
     p.add_argument("--cold", type=int, help="tasks requested once each, cold then warm (default 50; quick: 5)")
-    p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of the zipf mix")
-    p.add_argument("--max-batch", type=int, default=16, help="most images per forward, both servers")
-    p.add_argument("--image-size", type=int, help="tasks' input size in px (default 96 for the embedded backbone)")
-    p.add_argument("--photo-px", type=int, default=128, help="width of the JPEGs sent")
-    p.add_argument("--time-cap", type=float, help="seconds after which a load sends no new request")
-    p.add_argument("--request-timeout", type=float, default=60.0, help="client timeout per request, seconds")
-    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to be ready")
+    add_load_arguments(p, requests="default 400; quick: 24", concurrency="default 16; quick: 4", server="server")
     p.add_argument("--no-baseline-new", action="store_true", help="only the strongest baseline (module reuse)")
     threads = next(a for a in p._actions if a.dest == "threads")
     threads.default = max(1, threads.default - 1)
@@ -239,12 +230,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- output
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f} ms"
-
-
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"x{v:.2f}"
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -269,9 +254,9 @@ def render(payload: dict[str, Any]) -> str:
         common.md_table(
             ["N", "mix", "server", "req/s", "vs baseline", "vs baseline-new", "p50", "p99", "p99 vs baseline",
              "loads/req", "batch", "RSS"],
-            [[res["n"], r["mix"], r["server"], f"{r['req_per_s']:.1f}", _x(r["vs_baseline"]),
-              _x(r.get("vs_baseline_new")), _ms(r["p50_ms"]),
-              _ms(r["p99_ms"]), _x(r["p99_vs_baseline"]),
+            [[res["n"], r["mix"], r["server"], f"{r['req_per_s']:.1f}", fmt_x(r["vs_baseline"]),
+              fmt_x(r.get("vs_baseline_new")), fmt_ms(r["p50_ms"]),
+              fmt_ms(r["p99_ms"]), fmt_x(r["p99_vs_baseline"]),
               "-" if r["store_loads_per_request"] is None else f"{r['store_loads_per_request']:.2f}",
               "-" if r["batch_mean"] is None else f"{r['batch_mean']:.1f}", common.fmt_bytes(r["rss_bytes"])]
              for res in res["per_n"] for r in res["rows"]]),
@@ -284,9 +269,9 @@ def render(payload: dict[str, Any]) -> str:
             ["N", "server", "ready after", "RSS at ready", "cold p50", "cold p99", "cold load p50", "warm p50",
              "warm p99"],
             [[res["n"], srv, f"{res['startup'][srv]['ready_s']:.1f} s",
-              common.fmt_bytes(res["startup"][srv].get("rss_bytes", 0)), _ms(c["cold"]["p50_ms"]),
-              _ms(c["cold"]["p99_ms"]), _ms(c["cold"]["load_p50_ms"]), _ms(c["warm"]["p50_ms"]),
-              _ms(c["warm"]["p99_ms"])]
+              common.fmt_bytes(res["startup"][srv].get("rss_bytes", 0)), fmt_ms(c["cold"]["p50_ms"]),
+              fmt_ms(c["cold"]["p99_ms"]), fmt_ms(c["cold"]["load_p50_ms"]), fmt_ms(c["warm"]["p50_ms"]),
+              fmt_ms(c["warm"]["p99_ms"])]
              for res in res["per_n"] for srv, c in res["cold"].items()]),
         "",
         "Where a request's time goes on the server (means, ms): *load* = waiting for the task to be loaded "

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import common, taskgen
+from .common import fmt_ms, fmt_num, fmt_x
 from .loadgen import MIXES, load_stats, median, paired, photos, request_plan, run_load
 from .servers import ServerProcess, sigterm_exits, stopping
 
@@ -117,7 +118,7 @@ def bench_arch(arch: str, args: Any, run: common.Run, *, tasks: int, requests: i
                     (cpu_after - cpu) * 1e3 / ok
                 rounds.setdefault((srv, mix), []).append(stats)
                 run.log.info("round %d/%d %-8s %-7s %6.1f req/s  p50 %s  p99 %s  errors %d", r + 1, repeats, srv,
-                             mix, stats["req_per_s"], _ms(stats["p50_ms"]), _ms(stats["p99_ms"]), stats["errors"])
+                             mix, stats["req_per_s"], fmt_ms(stats["p50_ms"]), fmt_ms(stats["p99_ms"]), stats["errors"])
         memory = {name: {**{f"ready_{k}": v for k, v in ready_memory[name].items()}, **s.memory()}
                   for name, s in servers.items()}
         commands = {name: s.command.replace(str(root), "<tmp>") for name, s in servers.items()}
@@ -229,16 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- output
 
 
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f} ms"
 
-
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"x{v:.2f}"
-
-
-def _num(v: float | None, fmt: str = ".1f") -> str:
-    return "-" if v is None else format(v, fmt)
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -263,10 +255,11 @@ def render(payload: dict[str, Any]) -> str:
         table = []
         for mix in cfg["mixes"]:
             for r in (r for r in a["rows"] if r["mix"] == mix):
-                table.append([mix, r["server"], _num(r["req_per_s"]), _num(r["images_per_s"]), _ms(r["p50_ms"]),
-                              _ms(r["p95_ms"]), _ms(r["p99_ms"]), r["errors"], _x(r["vs_single"]),
-                              _x(r["vs_baseline"]), _num(r["batch_mean"]), _num(r["mixed_share"], ".2f"),
-                              _num(r["switches_per_request"], ".2f"), _ms(r.get("server_cpu_ms_per_request"))])
+                table.append([mix, r["server"], fmt_num(r["req_per_s"]), fmt_num(r["images_per_s"]),
+                              fmt_ms(r["p50_ms"]), fmt_ms(r["p95_ms"]), fmt_ms(r["p99_ms"]), r["errors"],
+                              fmt_x(r["vs_single"]), fmt_x(r["vs_baseline"]), fmt_num(r["batch_mean"]),
+                              fmt_num(r["mixed_share"], ".2f"), fmt_num(r["switches_per_request"], ".2f"),
+                              fmt_ms(r.get("server_cpu_ms_per_request"))])
         mem = ", ".join(f"{name} {m['rss_bytes'] / 2**20:.0f} MiB" for name, m in a["memory"].items()
                         if "rss_bytes" in m)
         cmds = "; ".join(f"`{c}`" for name, c in a["server_commands"].items()

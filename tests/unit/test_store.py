@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from repadapter import LocalStore, attach_slots
-from repadapter.errors import ChecksumMismatch, StoreError, TaskExists, TaskNotFound
+from repadapter.errors import ChecksumMismatch, StoreError
 from tests.unit.test_bundle import make_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,33 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def vit_sites(tiny_vit):
     bb = tiny_vit()
     return bb, attach_slots(bb.model)
-
-
-def test_put_get_versions_delete(store, vit_sites):
-    bb, sites = vit_sites
-    m1 = store.put(make_bundle(bb, sites, "flowers", seed=1))
-    assert m1.version == 1
-    with pytest.raises(TaskExists, match="overwrite"):
-        store.put(make_bundle(bb, sites, "flowers", seed=2))
-    m2 = store.put(make_bundle(bb, sites, "flowers", seed=2), overwrite=True)
-    assert m2.version == 2
-    assert store.versions("flowers") == [1, 2]
-    assert [(e.name, e.version) for e in store.list()] == [("flowers", 2)]
-    latest, first = store.get("flowers"), store.get("flowers", 1)
-    assert latest.manifest.version == 2
-    assert first.manifest.version == 1
-    assert not (latest.head_weight == first.head_weight).all()
-    with pytest.raises(TaskNotFound, match="no version 7"):
-        store.get("flowers", 7)
-    store.delete("flowers")
-    assert store.list() == []
-    assert store.versions("flowers") == []
-    with pytest.raises(TaskNotFound):
-        store.get("flowers")
-    with pytest.raises(TaskNotFound):
-        store.delete("flowers")
-    with pytest.raises(TaskNotFound, match="invalid task name"):
-        store.get("../etc")
 
 
 def test_corruption_on_disk_is_detected(store, vit_sites):
