@@ -16,11 +16,13 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from repadapter.errors import RepServeError
 
-from . import __version__
+from . import __version__, openapi
 from .lifecycle import Runtime
 from .metrics import Metrics
 from .middleware import BodyDeadlineMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -52,6 +54,30 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
+
+
+class _MethodNotAllowed:
+    """ASGI endpoint of any method: 405 with ``Allow``, raised so the error handler answers it like every other."""
+
+    def __init__(self, allow: str) -> None:
+        self.allow = allow
+
+    async def __call__(self, _scope: Scope, _receive: Receive, _send: Send) -> None:
+        raise StarletteHTTPException(405, headers={"Allow": self.allow})
+
+
+def _answer_other_methods(app: FastAPI) -> None:
+    """A method a path does not take gets 405 with an ``Allow`` header naming *every* method the path takes.
+
+    Starlette answers it with the ``Allow`` of the first route on the path only (``OPTIONS /tasks``: ``Allow:
+    POST``, although GET /tasks is served too), so a catch-all route per path, after the real ones, answers
+    instead (an ASGI endpoint: every method, not only GET). Call after the last route is added."""
+    methods: dict[str, set[str]] = {}
+    for route in iter_route_contexts(app.routes):
+        if route.path is not None and route.methods:
+            methods.setdefault(route.path, set()).update(route.methods)
+    for path, allowed in methods.items():
+        app.add_route(path, _MethodNotAllowed(", ".join(sorted(allowed))), include_in_schema=False)
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -113,4 +139,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     for router in (classify.router, tasks.router, health.router):
         app.include_router(router)
+    _answer_other_methods(app)
+    openapi.install(app, settings)
     return app
