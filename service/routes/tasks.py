@@ -24,7 +24,7 @@ from ..uploads import read_files
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 _READ_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 503)}
-_WRITE_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 503)}
+_WRITE_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 503, 507)}
 _BODY = {
     "requestBody": {
         "required": True,
