@@ -64,6 +64,7 @@ http {{
         {balance}
 {servers}
         keepalive 64;
+        keepalive_timeout 4s;
     }}
     server {{
         listen 127.0.0.1:{port};
@@ -227,7 +228,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def render(payload: dict[str, Any]) -> str:
     res, cfg = payload["results"], payload["config"]
     tiers = res["tiers"]
+    by = {(r["routing"], r["mix"]): r for r in res["rows"]}
+
+    def share(key: str, mix: str) -> str:
+        h, rr = by[HASH, mix][key], by[ROUND_ROBIN, mix][key]
+        return "-" if h is None or not rr else f"x{h / rr:.2f}"
+
+    verdict = "; ".join(
+        f"{mix}: hashing reads {share('host_loads_per_request', mix)} the store loads and "
+        f"{share('device_loads_per_request', mix)} the device loads of round-robin per request, at "
+        f"{fmt_x(by[HASH, mix]['vs_round_robin'])} its throughput, the busiest replica taking "
+        f"{by[HASH, mix]['max_share']:.0%} of the requests" for mix in MIXES)
     return "\n".join([
+        f"{verdict}. Every task's requests reach one replica under hashing (*split tasks* 0), so each replica "
+        "holds only its share of the tasks; the price is the balance a hot task takes away (see deploy/README.md "
+        "on hot tasks). Where a load is cheap next to a forward, as here (a task loads in ~8 ms on the CPU), "
+        "the two routings serve alike; the fewer loads count where loads are dear (bigger bundles, an object "
+        "store, a GPU busy with other tasks).",
+        "",
         f"{cfg['replicas']} replicas behind nginx over one store of {cfg['tasks']} tasks, each replica with "
         f"{cfg['budget_mib']} MiB of task memory (host {common.fmt_bytes(tiers['host'])}, device "
         f"{common.fmt_bytes(tiers['device'])}, live {common.fmt_bytes(tiers['live'])}) and {cfg['replica_threads']} "
