@@ -173,6 +173,14 @@ def load_stats(load: Load, *, planned: int, per_request: int) -> dict[str, Any]:
     }
 
 
+def summarize_rounds(rounds: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """One table row's figures over the rounds of a configuration: median throughput, the median of each of
+    ``keys``, errors and answers summed."""
+    return {"rounds": len(rounds), "req_per_s": statistics.median(x["req_per_s"] for x in rounds),
+            **{k: median([x[k] for x in rounds]) for k in keys},
+            "errors": sum(x["errors"] for x in rounds), "ok": sum(x["ok"] for x in rounds)}
+
+
 def median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None

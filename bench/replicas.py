@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import httpx
 
 from . import common, taskgen
 from .common import fmt_ms, fmt_num, fmt_x
-from .loadgen import add_load_arguments, load_stats, median, paired, photos, request_plan, run_load
+from .loadgen import add_load_arguments, load_stats, median, paired, photos, request_plan, run_load, summarize_rounds
 from .scale import start, tier_bytes
 from .servers import ServerProcess, free_port, sigterm_exits
 
@@ -206,12 +205,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rs = rounds[routing, mix]
             thr = [x["req_per_s"] for x in rs]
             rows.append({
-                "routing": routing, "mix": mix, "rounds": len(rs), "req_per_s": statistics.median(thr),
-                **{k: median([x[k] for x in rs]) for k in ("p50_ms", "p99_ms", "batch_mean",
-                                                           "host_loads_per_request", "device_loads_per_request")},
+                "routing": routing, "mix": mix,
+                **summarize_rounds(rs, ("p50_ms", "p99_ms", "batch_mean", "host_loads_per_request",
+                                        "device_loads_per_request")),
                 "max_share": max(max(x["replica_share"]) for x in rs),
                 "split_tasks": median([x["tasks_on_several_replicas"] / max(x["tasks"], 1) for x in rs]),
-                "errors": sum(x["errors"] for x in rs), "ok": sum(x["ok"] for x in rs),
                 "vs_round_robin": paired(thr, [x["req_per_s"] for x in rounds[ROUND_ROBIN, mix]])
                 if routing == HASH else None,
                 "per_round": rs,

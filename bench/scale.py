@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +44,17 @@ import httpx
 
 from . import common, taskgen
 from .common import fmt_ms, fmt_x
-from .loadgen import add_load_arguments, load_stats, median, paired, percentile, photos, request_plan, run_load
+from .loadgen import (
+    add_load_arguments,
+    load_stats,
+    median,
+    paired,
+    percentile,
+    photos,
+    request_plan,
+    run_load,
+    summarize_rounds,
+)
 from .servers import ServerProcess, sigterm_exits, stopping
 
 TITLE = "Many tasks per replica"
@@ -162,10 +171,9 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
             rs = rounds[srv, mix]
             thr = [x["req_per_s"] for x in rs]
             rows.append({
-                "server": srv, "mix": mix, "rounds": len(rs), "req_per_s": statistics.median(thr),
-                **{p: median([x[p] for x in rs]) for p in ("p50_ms", "p95_ms", "p99_ms", "batch_mean",
-                                                           "mixed_share", "store_loads_per_request")},
-                "errors": sum(x["errors"] for x in rs), "ok": sum(x["ok"] for x in rs),
+                "server": srv, "mix": mix,
+                **summarize_rounds(rs, ("p50_ms", "p95_ms", "p99_ms", "batch_mean", "mixed_share",
+                                        "store_loads_per_request")),
                 "rss_bytes": max(x.get("end_rss_bytes", 0) for x in rs),
                 "server_ms": {key: median([x["server_ms"][key] for x in rs]) for key in rs[0]["server_ms"]},
                 "vs_baseline": paired(thr, [x["req_per_s"] for x in rounds[BASELINE, mix]]) if srv == REPSERVE
