@@ -47,6 +47,13 @@ class RegisterError(RepServeError):
     status_code = 502
 
 
+class PublishError(RepServeError):
+    """Training succeeded but its bundle could not be published; the message says where the result is kept
+    and how to publish it without training again (``--resume --register ...``)."""
+
+    code = "publish_failed"
+
+
 def build_bundle(cfg: TrainConfig, model: TaskModel, sites: list[Site], backbone: Backbone, labels: list[str],
                  preprocess: PreprocessConfig, scale: float) -> TaskBundle:
     """The bundle of a trained ``repadapter`` or ``linear`` model (adapters from the slots, fp32 head)."""
