@@ -35,6 +35,15 @@ MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "adapter.safetensors"
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _PARAMS = ("weight_a", "bias_a", "weight_b", "bias_b")
+
+
+def check_task_name(name: str) -> str:
+    """``name`` if it is a valid task name (store keys, URL paths), else ``ValueError`` saying the rule."""
+    if not TASK_NAME.match(name):
+        raise ValueError("task names are 1-64 chars of a-z, 0-9, '_' or '-', starting with a letter or digit")
+    return name
+
+
 MAX_SCALE = 1e3
 """Largest ``|adapter.scale|`` a manifest may declare (the paper searches 0.1..10)."""
 MAX_ABS_VALUE = 1e6
@@ -96,9 +105,7 @@ class Manifest(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not TASK_NAME.match(v):
-            raise ValueError("task names are 1-64 chars of a-z, 0-9, '_' or '-', starting with a letter or digit")
-        return v
+        return check_task_name(v)
 
     @model_validator(mode="after")
     def _labels_unique(self) -> Manifest:

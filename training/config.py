@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from repadapter.bundle import TASK_NAME
+from repadapter.bundle import check_task_name
 from repadapter.inject import Placement
 
 Method = Literal["repadapter", "linear", "full"]
@@ -92,9 +92,7 @@ class TrainConfig(BaseModel):
     @field_validator("task")
     @classmethod
     def _task(cls, v: str) -> str:
-        if not TASK_NAME.match(v):
-            raise ValueError("task names are 1-64 chars of a-z, 0-9, '_' or '-', starting with a letter or digit")
-        return v
+        return check_task_name(v)
 
     @field_validator("scale_grid")
     @classmethod
