@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from .runtime import Runtime
+from .device import DeviceContext
 
 Sample = tuple[Image.Image, int]
 
@@ -76,13 +76,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return full + (rest >= self.world_size)
 
 
-def train_loader(dataset: Dataset, batch_size: int, seed: int, rt: Runtime, workers: int) -> DataLoader:
+def train_loader(dataset: Dataset, batch_size: int, seed: int, rt: DeviceContext, workers: int) -> DataLoader:
     """Loader over this rank's share of each global batch; call ``loader.batch_sampler.set_epoch(e)``."""
     sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rt.rank, rt.world_size)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=rt.device.type == "cuda")
 
 
-def eval_loader(dataset: Dataset, batch_size: int, rt: Runtime, workers: int, *, shard: bool = True) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, rt: DeviceContext, workers: int, *, shard: bool = True) -> DataLoader:
     """Sequential loader over this rank's strided shard (``shard``) or over the whole split."""
     assert isinstance(dataset, Sized)
     if shard and rt.distributed:
@@ -92,7 +92,7 @@ def eval_loader(dataset: Dataset, batch_size: int, rt: Runtime, workers: int, *,
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dataset: Dataset, batch_size: int, rt: Runtime, workers: int) -> TensorDataset:
+def extract_features(model: nn.Module, dataset: Dataset, batch_size: int, rt: DeviceContext, workers: int) -> TensorDataset:
     """Features ``[N, F]`` (fp32, CPU) and labels of a whole split, for the linear probe.
 
     The probe's backbone is frozen and unadapted, so its features are computed once instead of every

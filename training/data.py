@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from repadapter.errors import RepServeError
 from repadapter.preprocess import ImageLimits, decode_image
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -202,7 +202,7 @@ def load_dataset(
         splits = _load_folder(Path(source).expanduser(), seed, n_train, n_val, n_test)
     if len(splits.train) == 0:
         raise ValueError(f"{source}: no training images left; lower n_val/n_test or set n_train")
-    logger.info(
+    log.info(
         "dataset loaded source=%s classes=%d train=%d val=%d test=%s seed=%d",
         source,
         len(splits.classes),

@@ -34,7 +34,7 @@ from repadapter.store import open_store
 
 from .config import TrainConfig
 from .model import TaskModel, adapters_of
-from .runtime import Runtime
+from .device import DeviceContext
 from .trainer import predict
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ class RegisterError(RepServeError):
     """The service refused or could not receive a bundle posted by ``--register``."""
 
     code = "register_failed"
-    status_code = 502
 
 
 class PublishError(RepServeError):
@@ -79,7 +78,7 @@ def as_served(bundle: TaskBundle, backbone: Backbone, sites: list[Site]) -> Task
 
 @torch.no_grad()
 def served_logits(bundle: TaskBundle, backbone: Backbone, sites: list[Site], loader: DataLoader,
-                  rt: Runtime) -> tuple[Tensor, Tensor]:
+                  rt: DeviceContext) -> tuple[Tensor, Tensor]:
     """Logits ``[N, C]`` and labels of ``bundle`` served merged: adapters folded into the weights.
 
     The slots are emptied for the duration and the base weights restored bitwise afterwards.

@@ -26,7 +26,7 @@ from .data import load_dataset
 from .export import Agreement, as_served, build_bundle, ensure_absent, publish, served_logits
 from .model import TaskModel, build_model, load_task_backbone, trainable_parameters
 from .report import PLOT_FILE, REPORT_FILE, plot_curves, write_json
-from .runtime import Runtime, runtime
+from .device import DeviceContext, device_context
 from .trainer import EpochStats, Trainer, TrialResult, loss_and_accuracy, predict
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def preflight(cfg: TrainConfig) -> None:
 def run(cfg: TrainConfig, *, progress: bool = False, on_epoch_end: EpochHook | None = None) -> dict[str, Any] | None:
     """Train, verify and publish per ``cfg``; returns the report on the main process, ``None`` elsewhere."""
     started = time.perf_counter()
-    with runtime(cfg.device, cfg.amp) as rt:
+    with device_context(cfg.device, cfg.amp) as rt:
         return _run(cfg, rt, started, progress, on_epoch_end)
 
 
@@ -75,7 +75,7 @@ class Prepared:
     feature_seconds: float | None = None
 
 
-def prepare(cfg: TrainConfig, rt: Runtime) -> Prepared:
+def prepare(cfg: TrainConfig, rt: DeviceContext) -> Prepared:
     splits = load_dataset(cfg.data, seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
     backbone = load_task_backbone(cfg, rt.device)
     preprocess = backbone.preprocess.with_size(cfg.image_size) if cfg.image_size else backbone.preprocess
@@ -94,7 +94,7 @@ def prepare(cfg: TrainConfig, rt: Runtime) -> Prepared:
     return p
 
 
-def train_trials(cfg: TrainConfig, rt: Runtime, p: Prepared, progress: bool,
+def train_trials(cfg: TrainConfig, rt: DeviceContext, p: Prepared, progress: bool,
                  on_epoch_end: EpochHook | None) -> tuple[TaskModel, list[TrialResult], TrialResult]:
     """Train one trial per scale; returns the best trial's model (reloaded when it was not the last)."""
     trials: list[TrialResult] = []
@@ -117,7 +117,7 @@ def final_evaluation(cfg: TrainConfig, p: Prepared, model: TaskModel,
 
     Runs in fp32 on this process only (no collective may run here: other ranks may have finished).
     """
-    local = Runtime(next(model.parameters()).device)
+    local = DeviceContext(next(model.parameters()).device)
 
     def loader(ds: Dataset) -> DataLoader:
         return eval_loader(ds, cfg.batch_size, local, p.workers, shard=False)
@@ -141,7 +141,7 @@ def final_evaluation(cfg: TrainConfig, p: Prepared, model: TaskModel,
     return metrics, bundle
 
 
-def _run(cfg: TrainConfig, rt: Runtime, started: float, progress: bool,
+def _run(cfg: TrainConfig, rt: DeviceContext, started: float, progress: bool,
          on_epoch_end: EpochHook | None) -> dict[str, Any] | None:
     if rt.is_main:
         preflight(cfg)

@@ -30,7 +30,7 @@ from .batches import eval_loader, train_loader
 from .checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
 from .config import TrainConfig
 from .model import TaskModel, set_train_mode, train_state
-from .runtime import Runtime
+from .device import DeviceContext
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TrialResult:
 
 
 @torch.no_grad()
-def predict(model: Callable[[Tensor], Tensor], loader: DataLoader, rt: Runtime) -> tuple[Tensor, Tensor]:
+def predict(model: Callable[[Tensor], Tensor], loader: DataLoader, rt: DeviceContext) -> tuple[Tensor, Tensor]:
     """Logits ``[N, C]`` (fp32, CPU) and labels ``[N]`` over a loader; the caller sets eval mode."""
     logits, labels = [], []
     for x, y in loader:
@@ -81,7 +81,7 @@ def predict(model: Callable[[Tensor], Tensor], loader: DataLoader, rt: Runtime) 
     return torch.cat(logits), torch.cat(labels)
 
 
-def loss_and_accuracy(logits: Tensor, labels: Tensor, rt: Runtime) -> tuple[float, float]:
+def loss_and_accuracy(logits: Tensor, labels: Tensor, rt: DeviceContext) -> tuple[float, float]:
     """Mean cross-entropy and accuracy, summed over every process's shard."""
     loss_sum = F.cross_entropy(logits, labels, reduction="sum").item()
     correct = (logits.argmax(1) == labels).sum().item()
@@ -100,7 +100,7 @@ class Trainer:
     (e.g. KeyboardInterrupt in tests) leaves exactly that checkpoint behind.
     """
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, model: TaskModel, train_set: Dataset, val_set: Dataset,
+    def __init__(self, cfg: TrainConfig, rt: DeviceContext, model: TaskModel, train_set: Dataset, val_set: Dataset,
                  scale: float, ckpt_path: Path, *, workers: int = 0, progress: bool = False,
                  on_epoch_end: Callable[[EpochStats], None] | None = None) -> None:
         self.cfg, self.rt, self.module, self.scale, self.ckpt_path = cfg, rt, model, scale, ckpt_path

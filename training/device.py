@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Runtime:
+class DeviceContext:
     """Device, autocast dtype (``None``: fp32) and this process's place in the process group."""
 
     device: torch.device
@@ -62,10 +62,6 @@ class Runtime:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -88,7 +84,7 @@ def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def runtime(device: str = "auto", amp: str = "auto") -> Iterator[Runtime]:
+def device_context(device: str = "auto", amp: str = "auto") -> Iterator[DeviceContext]:
     """Set up the device and, under torchrun, the process group; tear the group down on exit."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -106,7 +102,7 @@ def runtime(device: str = "auto", amp: str = "auto") -> Iterator[Runtime]:
         rank = dist.get_rank()
         log.info("process group up backend=%s rank=%d world_size=%d", backend, rank, world_size)
     try:
-        yield Runtime(dev, _resolve_amp(amp, dev), rank, world_size)
+        yield DeviceContext(dev, _resolve_amp(amp, dev), rank, world_size)
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
