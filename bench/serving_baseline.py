@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from repadapter import LocalStore, Manifest, PreprocessConfig, build_transform, decode_image, load_backbone
 from repadapter.errors import RepServeError
+from service.errors import http_status  # RepServe's own codes for the same errors
 
 log = logging.getLogger("bench.serving_baseline")
 
@@ -312,7 +313,7 @@ def create_app(worker: Worker, cache: ModelCache, manifests: dict[str, Manifest]
         try:
             x = await run_in_threadpool(_preprocess, blobs, manifest.preprocess)
         except RepServeError as e:
-            return error(e.status_code, e.code, str(e))
+            return error(http_status(type(e)), e.code, str(e))
         decoded = time.perf_counter()
         try:
             tm = await cache.acquire(task)

@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from repadapter.errors import RepServeError
 
 from . import __version__, openapi
+from .errors import http_headers, http_status
 from .lifecycle import Runtime
 from .metrics import Metrics
 from .middleware import BodyDeadlineMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -39,10 +40,12 @@ def _error(status: int, code: str, detail: str, headers: dict[str, str] | None =
 
 
 async def _repserve_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Every RepServe error, core or service: its status and headers from the one table in service.errors."""
     assert isinstance(exc, RepServeError)
-    if exc.status_code == 500:
+    status = http_status(type(exc))
+    if status == 500:
         log.error("request failed code=%s detail=%s", exc.code, exc)
-    return _error(exc.status_code, exc.code, str(exc), getattr(exc, "headers", None))
+    return _error(status, exc.code, str(exc), http_headers(exc))
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

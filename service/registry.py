@@ -30,7 +30,7 @@ from repadapter.bundle import PackedBundle, parse_manifest
 from repadapter.errors import BundleError, RepServeError, TaskExists, TaskNotFound
 from repadapter.store import Catalog, Store
 
-from .errors import BuiltinTask
+from .errors import BuiltinTask, http_status
 from .metrics import Metrics
 from .validation import TaskValidator
 
@@ -209,7 +209,7 @@ class TaskRegistry:
             except TaskNotFound:
                 continue  # deleted between listing and reading
             except (OSError, RepServeError) as e:
-                if isinstance(e, RepServeError) and e.status_code < 500:
+                if isinstance(e, RepServeError) and http_status(type(e)) < 500:
                     self._failed.add((name, entry.etag))  # a bad manifest stays bad: not retried (I/O is)
                 reason = e.code if isinstance(e, RepServeError) else "io"
                 self.metrics.store_errors.labels(reason=reason).inc()

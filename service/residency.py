@@ -39,7 +39,7 @@ from repadapter.merge import MergedWeights
 from repadapter.mixed import PackedFolds
 from repadapter.store import Store
 
-from .errors import TaskUnavailable
+from .errors import TaskUnavailable, http_status
 from .lru import ByteLRU, CacheStats
 from .metrics import Metrics
 from .registry import TaskKey, TaskRef
@@ -210,7 +210,7 @@ class Residency:
             raise TaskNotFound(f"task {task.name!r} version {task.version} was deleted while this request waited "
                                "for it to load") from e
         except RepServeError as e:
-            transient = e.status_code >= 500
+            transient = http_status(type(e)) >= 500
             raise self._fail(task, e.code, f"task {task.name!r} version {task.version} cannot be loaded: {e}",
                              retry_s=self.config.io_retry_s if transient else math.inf) from e
         except OSError as e:

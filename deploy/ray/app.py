@@ -27,7 +27,7 @@ from ray.serve import Application
 
 from repadapter.errors import RepServeError
 from service.app import create_app
-from service.errors import MalformedRequest
+from service.errors import MalformedRequest, http_status
 from service.lifecycle import Runtime
 from service.registry import TaskRef
 from service.schemas import ErrorBody
@@ -94,7 +94,7 @@ class RepServe:
         if model_id and query is not None and query != model_id:
             body = ErrorBody(error=MalformedRequest.code, detail=f"the task is {model_id!r} in the "
                              f"serve_multiplexed_model_id header but {query!r} in ?task=; send one, or the same")
-            return JSONResponse(body.model_dump(), status_code=MalformedRequest.status_code,
+            return JSONResponse(body.model_dump(), status_code=http_status(MalformedRequest),
                                 headers={REPLICA_HEADER: self.replica})
         if model_id and query is None:
             qs = request.scope.get("query_string", b"")
