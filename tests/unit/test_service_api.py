@@ -248,7 +248,7 @@ def test_engine_failure_is_a_500_and_the_worker_survives(client, monkeypatch):
         raise RuntimeError("device lost")
 
     small = files(encode(Image.new("RGB", (50, 50)), "PNG"))
-    monkeypatch.setattr(engine, "_forward", broken)
+    monkeypatch.setattr(engine.executor, "forward", broken)
     assert "device lost" in error(client.post("/classify?task=a", files=small), 500, "inference_failed")
     monkeypatch.undo()
     assert client.post("/classify?task=a", files=small).status_code == 200
