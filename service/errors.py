@@ -44,6 +44,13 @@ class MalformedRequest(RepServeError):
     code = "malformed_request"
 
 
+class InvalidInput(RepServeError):
+    """A request that is well-formed HTTP but not valid input (the Open Inference Protocol's 400): wrong tensor
+    shape, datatype or data length, an unknown input or output."""
+
+    code = "invalid_input"
+
+
 class BuiltinTask(RepServeError):
     """The backbone's own classifier is served without a store entry, so it cannot be deleted."""
 
@@ -124,6 +131,7 @@ _HTTP: dict[type[RepServeError], tuple[int, dict[str, str]]] = {
     Unauthorized: (401, {"WWW-Authenticate": "Bearer"}),
     Forbidden: (403, {}),
     MalformedRequest: (422, {}),
+    InvalidInput: (400, {}),
     BuiltinTask: (409, {}),
     NotReady: (503, _RETRY_SOON),
     QueueFull: (503, _RETRY_SOON),
