@@ -1,4 +1,4 @@
-"""``python -m service`` / ``repserve``: start the RepServe HTTP server (uvicorn, one process, one backbone).
+"""``python -m service`` / ``repserve serve``: start the RepServe HTTP server (uvicorn, one process, one backbone).
 
 Every :class:`~service.settings.Settings` field is a flag (``--max-batch 32`` overrides
 ``REPSERVE_MAX_BATCH``); flags not given keep the environment's value or the default. Scale out with
@@ -8,78 +8,70 @@ replicas, not uvicorn workers: each process holds its own backbone.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import types
-import typing
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
 
 from .logs import configure_logging
-from .settings import ENV_PREFIX, Settings, default_text, settings_table, unknown_variables
+from .settings import Settings, settings_table, unknown_variables
 
 log = logging.getLogger(__name__)
 
 
-def _flag_kwargs(annotation: Any) -> dict[str, Any]:
-    """argparse keyword arguments for one Settings field type."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]  # Optional[X] -> X
-    if annotation is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(annotation) is typing.Literal:
-        return {"choices": typing.get_args(annotation)}
-    if typing.get_origin(annotation) is dict:
-        return {"type": json.loads, "metavar": "JSON"}
-    if annotation in (int, float, Path):
-        return {"type": annotation}
-    if annotation is SecretStr:
-        return {"type": str, "metavar": "TOKEN"}
-    return {"type": str}
+def settings_flags(parser: argparse.ArgumentParser) -> CliSettingsSource[Settings]:
+    """Add a flag for every Settings field to ``parser`` and return the source that reads them back.
+
+    pydantic-settings' own CLI source does the mapping (the one used by ``repserve serve`` and, with the
+    training config, by ``python -m training``): kebab-case flags, ``--x``/``--no-x`` for booleans, JSON for
+    dicts, Literal choices, the description, default and ``REPSERVE_*`` name in the help. Only flags given
+    reach the settings, so the others keep the environment's value or the default.
+    """
+    return CliSettingsSource(Settings, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                             cli_show_env_vars=True, cli_hide_none_type=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build(prog: str) -> tuple[argparse.ArgumentParser, CliSettingsSource[Settings]]:
     parser = argparse.ArgumentParser(
-        prog="repserve", description=__doc__.split("\n\n")[0],
+        prog=prog, description=__doc__.split("\n\n")[0],
         epilog="Every flag also reads from its environment variable; prefer the environment for tokens "
                "(command lines are visible to other users).",
     )
-    for name, field in Settings.model_fields.items():
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}, default {default_text(name)}]",
-            **_flag_kwargs(field.annotation),
-        )
     parser.add_argument("--print-config-table", action="store_true",
                         help="print the configuration table (markdown) and exit")
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration (flags, environment), report unknown REPSERVE_* variables, "
                              "and exit: 0 valid, 2 invalid")
-    return parser
+    return parser, settings_flags(parser)
 
 
-def settings_from_args(args: dict[str, Any]) -> Settings:
+def build_parser(prog: str = "python -m service") -> argparse.ArgumentParser:
+    return _build(prog)[0]
+
+
+def settings_from_args(args: Mapping[str, Any]) -> Settings:
     """Settings from parsed flags (only those given) over the environment and defaults."""
-    return Settings(**{k: v for k, v in args.items() if k in Settings.model_fields})
+    source = settings_flags(argparse.ArgumentParser(add_help=False))
+    return Settings(_cli_settings_source=source(parsed_args=argparse.Namespace(**args)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    if args.get("print_config_table"):
+def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
+    parser, source = _build(prog)
+    args = parser.parse_args(argv)
+    if args.print_config_table:
         sys.stdout.write(settings_table())
         return 0
     try:
-        settings = settings_from_args(args)
+        settings = Settings(_cli_settings_source=source(parsed_args=args))
     except ValidationError as e:
         sys.stderr.write(f"invalid configuration:\n{e}\n")
         return 2
     unknown = unknown_variables(os.environ)
-    if args.get("check_config"):
+    if args.check_config:
         for name in unknown:
             sys.stderr.write(f"warning: {name} is not a RepServe setting (ignored)\n")
         sys.stdout.write("configuration valid\n")

@@ -1,8 +1,9 @@
 """``python -m training``: train a task and publish its bundle; flags are generated from ``TrainConfig``.
 
-Exit codes: 0 success, 1 failure (message on stderr), 2 bad usage, 130 interrupted (Ctrl-C: the store is
-untouched; ``--resume`` continues from the last epoch's checkpoint). A JSON summary goes to stdout, logs
-and the progress bar to stderr.
+Exit codes: 0 success, 1 failure (message on stderr), 2 bad usage, 3 trained but not published (the
+bundle is kept in the run directory; the message names the ``--resume --register ...`` that publishes it
+without training again), 130 interrupted (Ctrl-C: the store is untouched; ``--resume`` continues from
+the last epoch's checkpoint). A JSON summary goes to stdout, logs and the progress bar to stderr.
 """
 
 from __future__ import annotations
@@ -12,21 +13,22 @@ import json
 import logging
 import os
 import sys
-import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
+from pydantic_settings import CliSettingsSource
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from repadapter.errors import RepServeError
 
 from .config import TrainConfig
 from .demo import IMAGENET_TASK, build_demo, demo_configs
+from .export import PublishError
 from .pipeline import run
 
 log = logging.getLogger(__name__)
 
+_PROG = "python -m training"
 EXAMPLES = """examples:
   python -m training --data DIR --task flowers                      # ImageFolder DIR/train/<class>/*.jpg
   python -m training --data fashion-mnist --task fashion --image-size 96 --search-scale
@@ -37,45 +39,26 @@ EXAMPLES = """examples:
 """
 
 
-def _parse_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def config_flags(parser: argparse.ArgumentParser) -> CliSettingsSource[TrainConfig]:
+    """Add a flag for every :class:`TrainConfig` field to ``parser`` and return the source that reads them back.
+
+    pydantic-settings' CLI source, as for the service's settings: kebab-case flags (aliases win:
+    ``--register``), ``--x``/``--no-x`` for booleans, comma lists for tuples (``--scale-grid 0.1,1,10``),
+    Literal choices, the description and default in the help. Only flags given reach the config, so new
+    ``TrainConfig`` fields become flags on their own. TrainConfig is a plain model: no environment is read.
+    """
+    return CliSettingsSource(TrainConfig, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                             cli_hide_none_type=True)
 
 
-def _argument(field: FieldInfo) -> dict[str, Any]:
-    """argparse keywords for one config field; defaults stay unset so only given flags reach the config."""
-    kind = field.annotation
-    if get_origin(kind) in (Union, types.UnionType):
-        kind = next(a for a in get_args(kind) if a is not type(None))
-    help_text = (field.description or "").replace("%", "%%")
-    if field.is_required():
-        help_text += " (required, except with --demo)"
-    elif field.default is not None and kind is not bool:
-        default = ",".join(f"{v:g}" for v in field.default) if isinstance(field.default, tuple) else field.default
-        help_text += f" (default: {default})"
-    kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
-    if kind is bool:
-        kw["action"] = "store_true"
-    elif get_origin(kind) is Literal:
-        kw["choices"] = get_args(kind)
-    elif get_origin(kind) is tuple:
-        kw |= {"type": _parse_floats, "metavar": "S,S,..."}
-    else:
-        kw["type"] = kind
-    return kw
-
-
-def build_parser() -> argparse.ArgumentParser:
+def _build(prog: str) -> tuple[argparse.ArgumentParser, CliSettingsSource[TrainConfig]]:
     parser = argparse.ArgumentParser(
-        prog="python -m training", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Train a RepAdapter (or a linear-probe / full fine-tuning baseline) on a frozen backbone and "
-                    "write the task bundle into the store, or register it with a running service.",
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES.replace(_PROG, prog),
+        description="Train a RepAdapter (or a linear-probe / full fine-tuning baseline) on a frozen backbone and\n"
+                    "write the task bundle into the store, or register it with a running service.\n"
+                    "--data and --task are required, except with --demo.",
     )
-    for name, field in TrainConfig.model_fields.items():
-        flag = field.alias or name
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, **_argument(field))
+    source = config_flags(parser)
     extra = parser.add_argument_group("run control")
     extra.add_argument("--demo", action="store_true",
                        help=f"rebuild the demo tasks ({IMAGENET_TASK}, fashion, digits) into --store; other "
@@ -84,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="progress bar with loss, accuracy and throughput (default: when stderr is a terminal)")
     extra.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="logging level on stderr (default: INFO; other ranks than 0 log warnings only)")
-    return parser
+    return parser, source
+
+
+def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
+    return _build(prog)[0]
 
 
 def _setup_logging(level: str) -> None:
@@ -105,11 +92,12 @@ def _validation_message(e: ValidationError) -> str:
                      for err in e.errors())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    opts = vars(parser.parse_args(argv))
-    demo, progress = opts.pop("demo"), opts.pop("progress")
-    _setup_logging(opts.pop("log_level"))
+def main(argv: list[str] | None = None, prog: str = _PROG) -> int:
+    parser, source = _build(prog)
+    args = parser.parse_args(argv)
+    demo, progress = args.demo, args.progress
+    _setup_logging(args.log_level)
+    opts = source(parsed_args=args)()
     if opts.get("register") and "token" not in opts and os.environ.get("REPSERVE_ADMIN_TOKEN"):
         opts["token"] = os.environ["REPSERVE_ADMIN_TOKEN"]
     try:
@@ -133,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 report = run(config, progress=progress)
                 result = None if report is None else _summary(report)
+    except PublishError as e:  # trained and kept, not published: the message says how to publish it
+        log.error("%s", e)
+        return 3
     except KeyboardInterrupt:
         log.error("interrupted: the store is untouched; rerun with --resume to continue from the last checkpoint")
         return 130
