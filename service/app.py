@@ -27,7 +27,7 @@ from .errors import http_headers, http_status
 from .lifecycle import Runtime
 from .metrics import Metrics
 from .middleware import BodyDeadlineMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .routes import classify, health, tasks
+from .routes import classify, health, tasks, v2
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,28 +35,33 @@ log = logging.getLogger(__name__)
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+def _error(request: Request, status: int, code: str, detail: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error body: ``{"error": code, "detail": message}``; under /v2 the Open Inference Protocol's
+    ``{"error": message}``, which its clients read."""
+    body = {"error": detail} if v2.serves(request.url.path) else {"error": code, "detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _repserve_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _repserve_error(request: Request, exc: Exception) -> JSONResponse:
     """Every RepServe error, core or service: its status and headers from the one table in service.errors."""
     assert isinstance(exc, RepServeError)
     status = http_status(type(exc))
     if status == 500:
         log.error("request failed code=%s detail=%s", exc.code, exc)
-    return _error(status, exc.code, str(exc), http_headers(exc))
+    return _error(request, status, exc.code, str(exc), http_headers(exc))
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return _error(422, "invalid_request", problems)
+    return _error(request, 422, "invalid_request", problems)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
+    return _error(request, exc.status_code,
+                  _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
 
 
 class _MethodNotAllowed:
@@ -83,9 +88,9 @@ def _answer_other_methods(app: FastAPI) -> None:
         app.add_route(path, _MethodNotAllowed(", ".join(sorted(allowed))), include_in_schema=False)
 
 
-async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return _error(500, "internal_error", "internal server error; see the server log")
+    return _error(request, 500, "internal_error", "internal server error; see the server log")
 
 
 @contextlib.asynccontextmanager
@@ -142,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     for router in (classify.router, tasks.router, health.router):
         app.include_router(router)
+    app.include_router(v2.router)  # the Open Inference Protocol (KServe v2, Triton's HTTP API)
     _answer_other_methods(app)
     openapi.install(app, settings)
     return app

@@ -106,11 +106,22 @@ class BodyDeadlineMiddleware:
             await send({"type": "http.response.body", "body": body})
 
 CLASSIFY_PATH = "/classify"
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")  # the Open Inference Protocol's
+
+
+def requested_task(scope: Scope) -> str | None:
+    """The task an inference request names (/classify's ``task`` query, empty when missing; a v2 infer path's
+    model); ``None`` for any other request."""
+    if scope["path"] == CLASSIFY_PATH:
+        names = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task")
+        return names[0] if names else ""
+    infer = _V2_INFER.match(scope["path"])
+    return infer.group(1) if infer else None
 
 
 class MetricsMiddleware:
     """``repserve_http_*`` for every request; ``repserve_requests_total`` and
-    ``repserve_request_duration_seconds`` for /classify.
+    ``repserve_request_duration_seconds`` for inference requests (/classify, /v2/models/{name}/infer).
 
     ``task_label`` maps the requested task name to a bounded label (served name or ``unknown``).
     """
@@ -124,10 +135,9 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
-        task = None
-        if scope["path"] == CLASSIFY_PATH:  # label fixed at arrival: a task deleted meanwhile stays named
-            names = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task")
-            task = self.task_label(names[0] if names else None)
+        task = requested_task(scope)
+        if task is not None:  # label fixed at arrival: a task deleted meanwhile stays named
+            task = self.task_label(task)
 
         async def send_status(message: Message) -> None:
             nonlocal status

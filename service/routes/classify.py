@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
-from typing import Annotated, TypeVar
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
+import torch
 from fastapi import APIRouter, Depends, Query, Request
 
 from repadapter.errors import ImageError, PayloadTooLarge
@@ -18,9 +20,14 @@ from repadapter.errors import ImageError, PayloadTooLarge
 from ..deps import ReadyRuntime, require_reader
 from ..errors import ClientClosed, MalformedRequest
 from ..images import Deadline, ImageLimits, decode_slots, preprocess_async
+from ..lifecycle import Runtime
+from ..registry import TaskRef
 from ..schemas import ClassifyResponse, ErrorBody, ImageResult, Prediction, Timings
 from ..settings import Settings
 from ..uploads import Upload, media_type, read_body, read_files
+
+if TYPE_CHECKING:
+    from ..engine import Inference
 
 router = APIRouter(tags=["classify"])
 T = TypeVar("T")
@@ -78,6 +85,35 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientClosed("the client disconnected before its answer; its images were not processed")
 
 
+@dataclass(frozen=True)
+class Classified:
+    """What :func:`classify_batch` answers: the engine's answer and the time spent decoding."""
+
+    inference: Inference
+    decode_s: float
+
+
+async def classify_batch(request: Request, runtime: Runtime, task: TaskRef, images: Sequence[Upload] | torch.Tensor,
+                         top_k: int, deadline: Deadline) -> Classified:
+    """The classify path shared by every API (/classify, the v2 protocol): the per-request image count, decoding
+    (encoded ``images``; a tensor is already preprocessed at the task's input size), then inference, all within
+    ``deadline`` and dropped when the client disconnects."""
+    s = runtime.settings
+    if len(images) > s.max_images_per_request:
+        raise PayloadTooLarge(f"{len(images)} images; at most {s.max_images_per_request} per request")
+    start = time.perf_counter()
+    if isinstance(images, torch.Tensor):
+        x = images
+    else:
+        x = await preprocess_async(images, task.manifest.preprocess,
+                                   ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_image_aspect), deadline,
+                                   decode_slots(request.app.state, s.decode_concurrency))
+    decode_s = time.perf_counter() - start
+    result = await deadline.run(unless_disconnected(request, runtime.engine.submit(task, x, top_k)),
+                                "loading the task or waiting for inference; the server is overloaded")
+    return Classified(result, decode_s)
+
+
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_BODY,
              dependencies=[Depends(require_reader)])
 async def classify(
@@ -88,19 +124,11 @@ async def classify(
 ) -> ClassifyResponse:
     """Top-k labels for each image, by the task version current when the request was accepted."""
     start = time.perf_counter()
-    s = runtime.settings
-    deadline = Deadline.after(s.request_timeout_s)
+    deadline = Deadline.after(runtime.settings.request_timeout_s)
     loaded = runtime.registry.get(task)  # 404 before reading the body
-    uploads = await deadline.run(_uploads(request, s), "reading the request body")
-    if len(uploads) > s.max_images_per_request:
-        raise PayloadTooLarge(f"{len(uploads)} images; at most {s.max_images_per_request} per request")
-    received = time.perf_counter()
-    x = await preprocess_async(uploads, loaded.manifest.preprocess,
-                               ImageLimits(s.max_image_bytes, s.max_image_pixels, s.max_image_aspect), deadline,
-                               decode_slots(request.app.state, s.decode_concurrency))
-    decoded = time.perf_counter()
-    result = await deadline.run(unless_disconnected(request, runtime.engine.submit(loaded, x, top_k)),
-                                "loading the task or waiting for inference; the server is overloaded")
+    uploads = await deadline.run(_uploads(request, runtime.settings), "reading the request body")
+    done = await classify_batch(request, runtime, loaded, uploads, top_k, deadline)
+    result = done.inference
     return ClassifyResponse(
         task=loaded.name,
         task_version=loaded.version,
@@ -109,7 +137,7 @@ async def classify(
                  for i, (up, preds) in enumerate(zip(uploads, result.predictions, strict=True))],
         batch_sizes=result.batch_sizes,
         modes=result.modes,
-        timings=Timings(decode_ms=(decoded - received) * 1e3, load_ms=result.load_s * 1e3,
+        timings=Timings(decode_ms=done.decode_s * 1e3, load_ms=result.load_s * 1e3,
                         queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
                         total_ms=(time.perf_counter() - start) * 1e3),
     )
