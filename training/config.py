@@ -7,6 +7,7 @@ warmup, hidden 8, groups 2, dropout 0.1, drop-path 0.1, batch 64, seed 42) on a 
 
 from __future__ import annotations
 
+import shlex
 from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
@@ -17,13 +18,14 @@ from repadapter.bundle import check_task_name
 from repadapter.inject import Placement
 
 Method = Literal["repadapter", "linear", "full"]
+Balance = Literal["none", "loss", "sampler"]
 SCALE_GRID: tuple[float, ...] = (0.1, 0.5, 1.0, 5.0, 10.0)
 """The paper's search space for the adapter scale ``s``, chosen on validation accuracy."""
 
 RESUME_KEYS = frozenset({
     "data", "backbone", "checkpoint", "method", "epochs", "max_steps", "warmup_epochs", "warmup_lr", "min_lr",
     "batch_size", "lr", "weight_decay", "hidden", "groups", "dropout", "drop_path", "placement", "image_size",
-    "n_train", "n_val", "seed",
+    "n_train", "n_val", "seed", "balance", "class_mix",
 })
 """Fields that change the training maths: a checkpoint resumes only under the same values (plus its scale)."""
 
@@ -59,6 +61,15 @@ class TrainConfig(BaseModel):
                                                   "validation accuracy (the paper's protocol)")
     scale_grid: tuple[float, ...] = Field(SCALE_GRID, min_length=1, description="comma-separated scales tried by "
                                                                                 "--search-scale")
+    balance: Balance = Field("none", description="imbalanced classes: 'loss' weights each class's cross-entropy "
+                                                 "by n / (classes x its count); 'sampler' draws training images "
+                                                 "with replacement, each class equally often (under torchrun "
+                                                 "too); 'none': the data as it comes")
+    class_mix: tuple[float, ...] | None = Field(None, description="comma-separated relative class frequencies "
+                                                                  "of an embedded dataset's training pool, in "
+                                                                  "label order (57,11,4,27 keeps classes 0-3 at "
+                                                                  "57/11/4/27%; missing or 0: class dropped): "
+                                                                  "an imbalanced task from a balanced source")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapters' hidden vector (training only)")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the backbone (when timm's "
                                                           "model supports it)")
@@ -101,6 +112,13 @@ class TrainConfig(BaseModel):
             raise ValueError("scales must be positive and distinct")
         return v
 
+    @field_validator("class_mix")
+    @classmethod
+    def _mix(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and (any(m < 0 for m in v) or sum(m > 0 for m in v) < 2):
+            raise ValueError("class frequencies must be >= 0, at least two of them positive")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.hidden % self.groups:
@@ -121,6 +139,18 @@ class TrainConfig(BaseModel):
     def resume_identity(self, scale: float) -> dict[str, Any]:
         """What a checkpoint must have been trained with to be resumed by this run (JSON-able)."""
         return {**self.model_dump(mode="json", include=set(RESUME_KEYS)), "scale": scale}
+
+    def command_line(self, **changes: Any) -> str:
+        """The ``python -m training`` command of this configuration with ``changes``, without the token."""
+        args = ["python", "-m", "training"]
+        dumped = self.model_copy(update=changes).model_dump(mode="json", exclude_defaults=True, by_alias=True)
+        for name, value in dumped.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, list):
+                args += [flag, ",".join(f"{v:g}" for v in value)]
+            else:
+                args += [flag] if value is True else [flag, str(value)]
+        return shlex.join(args)
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration for reports: JSON-able, without the token."""

@@ -8,8 +8,11 @@ features. Its validation predictions must equal the training-time (unmerged) mod
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,18 @@ from repadapter.errors import RepServeError, TaskExists
 from repadapter.store import open_store
 
 from .config import TrainConfig
-from .model import TaskModel, adapters_of
 from .device import DeviceContext
+from .model import TaskModel, adapters_of
 from .trainer import predict
 
 log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 503})
+"""Answers that mean "later" (rate limit, not ready, queue full): retried after the server's Retry-After."""
+RETRY_ATTEMPTS = 5
+RETRY_WAIT_CAP_S = 30.0
+CHECK_TIMEOUT_S = 10.0
+TOKEN_FLAGS = "--token or $REPSERVE_ADMIN_TOKEN"
 
 
 class RegisterError(RepServeError):
@@ -78,7 +88,7 @@ def as_served(bundle: TaskBundle, backbone: Backbone, sites: list[Site]) -> Task
 
 @torch.no_grad()
 def served_logits(bundle: TaskBundle, backbone: Backbone, sites: list[Site], loader: DataLoader,
-                  rt: DeviceContext) -> tuple[Tensor, Tensor]:
+                  rt: DeviceContext, desc: str = "served bundle", *, progress: bool = False) -> tuple[Tensor, Tensor]:
     """Logits ``[N, C]`` and labels of ``bundle`` served merged: adapters folded into the weights.
 
     The slots are emptied for the duration and the base weights restored bitwise afterwards.
@@ -91,7 +101,7 @@ def served_logits(bundle: TaskBundle, backbone: Backbone, sites: list[Site], loa
     backbone.model.eval()
     try:
         switcher.activate(switcher.prepare(bundle.name, bundle.adapters) if bundle.adapters else None)
-        return predict(lambda x: F.linear(backbone.model(x), weight, bias), loader, rt)
+        return predict(lambda x: F.linear(backbone.model(x), weight, bias), loader, rt, desc, progress=progress)
     finally:
         switcher.activate(None)
         for s in sites:
@@ -129,26 +139,112 @@ def publish(bundle: TaskBundle, *, store: str | Path, register_url: str | None =
     return {"store": str(store), "name": manifest.name, "version": manifest.version}
 
 
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds to wait per the ``Retry-After`` header (delta-seconds or an HTTP date; 1 s when absent),
+    capped at :data:`RETRY_WAIT_CAP_S`."""
+    value = response.headers.get("Retry-After", "1").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            seconds = 1.0
+    return min(max(seconds, 0.0), RETRY_WAIT_CAP_S)
+
+
+def request(method: str, url: str, token: str | None, *, timeout_s: float = CHECK_TIMEOUT_S,
+            **kwargs: object) -> httpx.Response:
+    """One HTTP request to the service, retried on 429/503 after their ``Retry-After`` (at most
+    :data:`RETRY_ATTEMPTS` tries); an unreachable server is a :class:`RegisterError` naming ``--register``."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    attempt = 1
+    while True:
+        try:
+            response = httpx.request(method, url, headers=headers, timeout=timeout_s, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as e:
+            raise RegisterError(f"cannot reach the service at {url} ({type(e).__name__}: {e}): check --register "
+                                "and that the server is running") from e
+        if response.status_code not in RETRY_STATUSES or attempt == RETRY_ATTEMPTS:
+            return response
+        wait = _retry_after(response)
+        log.warning("%s %s answered %d (%s): retry %d/%d in %.1f s", method, url, response.status_code,
+                    _detail(response), attempt, RETRY_ATTEMPTS - 1, wait)
+        time.sleep(wait)
+        attempt += 1
+
+
+def _detail(response: httpx.Response) -> str:
+    """The service's error message (``{"error", "detail"}`` body), or the start of any other body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)[:300]
+
+
+def _base(url: str) -> str:
+    """The service's base URL (a ``--register`` URL may end in ``/tasks``)."""
+    return url.rstrip("/").removesuffix("/tasks")
+
+
+def check_registration(url: str, token: str | None, task: str, *, overwrite: bool) -> None:
+    """Before any training: the service answers, accepts the token for registration, and ``task`` is free
+    (or ``overwrite``). Each failure is a :class:`RegisterError` (or :class:`TaskExists`) naming the flag.
+
+    The token is tried on ``POST /tasks`` without a body: the admin check runs before the body is read, so
+    an accepted token gets 422 (no bundle) and nothing is written; a missing one 401, a wrong one 403.
+    """
+    base = _base(url)
+    health = request("GET", f"{base}/healthz", token)
+    if health.status_code != 200:
+        raise RegisterError(f"the service at {base} is not healthy: GET /healthz answered {health.status_code} "
+                            f"({_detail(health)}); check --register")
+    _check_token(base, token)
+    existing = request("GET", f"{base}/tasks/{task}", token)
+    if existing.status_code == 200 and not overwrite:
+        raise TaskExists(f"task {task!r} is already registered at {base} (version "
+                         f"{existing.json().get('version')}): pass --overwrite to publish the new one as its next "
+                         "version, or choose another --task")
+    if existing.status_code not in (200, 404):
+        raise RegisterError(f"{base} answered {existing.status_code} for GET /tasks/{task} ({_detail(existing)})")
+    log.info("registration checked url=%s task=%s exists=%s", base, task, existing.status_code == 200)
+
+
+def _check_token(base: str, token: str | None) -> None:
+    """``POST /tasks`` without a body: 422 (no bundle) once the admin check has passed; nothing is written."""
+    probe = request("POST", f"{base}/tasks", token)
+    if probe.status_code == 401:
+        raise RegisterError(f"{base} needs an admin token to register tasks: pass {TOKEN_FLAGS}")
+    if probe.status_code == 403:
+        raise RegisterError(f"{base} refused the admin token ({_detail(probe)}): check {TOKEN_FLAGS}")
+    if probe.status_code in RETRY_STATUSES:
+        raise RegisterError(f"the service at {base} is not ready after {RETRY_ATTEMPTS} tries ({_detail(probe)}): "
+                            "start training when GET /readyz answers 200")
+    if probe.status_code not in (415, 422):
+        raise RegisterError(f"{base} does not look like a RepServe service: POST /tasks answered "
+                            f"{probe.status_code} ({_detail(probe)}); check --register")
+
+
 def register(bundle: TaskBundle, url: str, token: str | None, *, overwrite: bool = False,
              timeout_s: float = 60.0) -> dict[str, Any]:
     """``POST {url}/tasks`` (multipart ``manifest`` + ``tensors``); returns the stored manifest (JSON).
 
-    ``url`` is the service's base URL (a URL already ending in ``/tasks`` is used as is). Any status but
-    201 raises :class:`RegisterError` with the service's error body.
+    ``url`` is the service's base URL (a URL already ending in ``/tasks`` is used as is). 409 raises
+    :class:`TaskExists` (naming ``--overwrite``), any other status but 201 :class:`RegisterError`.
     """
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/tasks"):
-        endpoint += "/tasks"
+    endpoint = f"{_base(url)}/tasks"
     manifest_bytes, tensor_bytes = bundle.serialize()
     files = {"manifest": ("manifest.json", manifest_bytes, "application/json"),
              "tensors": ("adapter.safetensors", tensor_bytes, "application/octet-stream")}
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        response = httpx.post(endpoint, files=files, params={"overwrite": str(overwrite).lower()},
-                              headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as e:
-        raise RegisterError(f"cannot reach {endpoint}: {e}") from e
+    response = request("POST", endpoint, token, timeout_s=timeout_s, files=files,
+                       params={"overwrite": str(overwrite).lower()})
+    if response.status_code == 409:
+        raise TaskExists(f"task {bundle.name!r} is already registered at {endpoint} ({_detail(response)}): pass "
+                         "--overwrite to publish it as its next version")
+    if response.status_code in (401, 403):
+        raise RegisterError(f"{endpoint} refused the admin token ({_detail(response)}): check {TOKEN_FLAGS}")
     if response.status_code != 201:
-        raise RegisterError(f"{endpoint} answered {response.status_code}: {response.text[:500]}")
+        raise RegisterError(f"{endpoint} answered {response.status_code}: {_detail(response)}")
     log.info("registered task=%s at %s", bundle.name, endpoint)
     return response.json()

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from repadapter.errors import CheckpointError
 
-from .batches import eval_loader, train_loader
+from .batches import batches, class_weights, eval_loader, labels_of, train_loader
 from .checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
 from .config import TrainConfig
-from .model import TaskModel, set_train_mode, train_state
 from .device import DeviceContext
+from .model import TaskModel, set_train_mode, train_state
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +51,33 @@ class EpochStats:
     images_per_second: float
 
 
+COLLAPSE_SHARE = 0.95
+"""A model that gives one class to at least this share of the validation images has collapsed."""
+
+
 @dataclass
 class TrialResult:
-    """A finished trial: its history and the final trained state (CPU copies, see ``model.train_state``)."""
+    """A finished trial: its history, the final trained state (CPU copies, see ``model.train_state``) and
+    how many validation images its final state gives to each class (``val_predicted[c]``)."""
 
     scale: float
     history: list[EpochStats]
     steps: int
     resumed_at_epoch: int
     state: dict[str, Tensor] = field(repr=False)
+    val_predicted: list[int] = field(default_factory=list)
 
     @property
     def val_accuracy(self) -> float:
         return self.history[-1].val_accuracy
+
+    @property
+    def collapse(self) -> tuple[int, float] | None:
+        """``(class, share)`` when the final model predicts one class for (nearly) every validation image."""
+        total = sum(self.val_predicted)
+        top = max(range(len(self.val_predicted)), key=self.val_predicted.__getitem__, default=0)
+        share = self.val_predicted[top] / total if total else 0.0
+        return (top, share) if share >= COLLAPSE_SHARE else None
 
     @property
     def train_seconds(self) -> float:
@@ -71,10 +85,14 @@ class TrialResult:
 
 
 @torch.no_grad()
-def predict(model: Callable[[Tensor], Tensor], loader: DataLoader, rt: DeviceContext) -> tuple[Tensor, Tensor]:
-    """Logits ``[N, C]`` (fp32, CPU) and labels ``[N]`` over a loader; the caller sets eval mode."""
+def predict(model: Callable[[Tensor], Tensor], loader: DataLoader, rt: DeviceContext, desc: str = "predict", *,
+            progress: bool = False, level: int = logging.INFO) -> tuple[Tensor, Tensor]:
+    """Logits ``[N, C]`` (fp32, CPU) and labels ``[N]`` over a loader; the caller sets eval mode.
+
+    ``desc`` names the pass in its progress bar (main process, when ``progress``) and its timing log line.
+    """
     logits, labels = [], []
-    for x, y in loader:
+    for x, y in batches(loader, desc, progress and rt.is_main, level=level):
         with rt.autocast():
             logits.append(model(x.to(rt.device, non_blocking=True)).float().cpu())
         labels.append(y)
@@ -89,6 +107,17 @@ def loss_and_accuracy(logits: Tensor, labels: Tensor, rt: DeviceContext) -> tupl
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def _balance(cfg: TrainConfig, train_set: Dataset, num_classes: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(loss class weights [C], sampler weights [N])`` for ``cfg.balance``; ``None`` where not used."""
+    if cfg.balance == "none":
+        return None, None
+    labels = labels_of(train_set)
+    weights = class_weights(labels, num_classes)
+    log.info("balance=%s class_counts=%s class_weights=%s", cfg.balance,
+             torch.bincount(labels, minlength=num_classes).tolist(), [round(w, 3) for w in weights.tolist()])
+    return (weights, None) if cfg.balance == "loss" else (None, weights[labels])
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1024 + rank
 
@@ -97,20 +126,24 @@ class Trainer:
     """Trains ``model`` on ``train_set`` for one scale, checkpointing to ``ckpt_path`` after every epoch.
 
     ``on_epoch_end`` is called (on every rank) after an epoch's checkpoint is written; raising there
-    (e.g. KeyboardInterrupt in tests) leaves exactly that checkpoint behind.
+    (e.g. KeyboardInterrupt in tests) leaves exactly that checkpoint behind. ``name`` prefixes the progress
+    bars and log lines (``trial 2/5 scale=0.5`` in a scale search).
     """
 
     def __init__(self, cfg: TrainConfig, rt: DeviceContext, model: TaskModel, train_set: Dataset, val_set: Dataset,
                  scale: float, ckpt_path: Path, *, workers: int = 0, progress: bool = False,
-                 on_epoch_end: Callable[[EpochStats], None] | None = None) -> None:
+                 on_epoch_end: Callable[[EpochStats], None] | None = None, name: str = "") -> None:
         self.cfg, self.rt, self.module, self.scale, self.ckpt_path = cfg, rt, model, scale, ckpt_path
-        self.progress, self.on_epoch_end = progress, on_epoch_end
+        self.progress, self.on_epoch_end, self.name = progress, on_epoch_end, name
+        self.loss_weights, sample_weights = _balance(cfg, train_set, model.head.out_features)
+        self.loss_weights = None if self.loss_weights is None else self.loss_weights.to(rt.device)
+        self.val_predicted: list[int] | None = None
         self.net: torch.nn.Module = model
         if rt.distributed:  # frozen BN statistics are identical everywhere: no buffer broadcast needed
             self.net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
                                                forward_sync_buffers=cfg.method == "full")
         self.optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.loader = train_loader(train_set, cfg.batch_size, cfg.seed, rt, workers)
+        self.loader = train_loader(train_set, cfg.batch_size, cfg.seed, rt, workers, sample_weights)
         self.val_loader = eval_loader(val_set, cfg.batch_size, rt, workers)
         steps_per_epoch = len(self.loader)
         if steps_per_epoch == 0:
@@ -135,14 +168,16 @@ class Trainer:
             self.epoch += 1
             self.history.append(stats)
             self._save()
-            log.info("epoch=%d/%d scale=%g step=%d loss=%.4f acc=%.4f val_loss=%.4f val_acc=%.4f seconds=%.1f "
-                     "img_per_s=%.1f", stats.epoch, self.epochs, self.scale, stats.step, stats.train_loss,
+            log.info("%sepoch=%d/%d scale=%g step=%d loss=%.4f acc=%.4f val_loss=%.4f val_acc=%.4f seconds=%.1f "
+                     "img_per_s=%.1f", self.name, stats.epoch, self.epochs, self.scale, stats.step, stats.train_loss,
                      stats.train_accuracy, stats.val_loss, stats.val_accuracy, stats.seconds,
                      stats.images_per_second)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(stats)
+        if self.val_predicted is None:  # resumed a finished trial: no epoch evaluated its final state here
+            self.evaluate()
         state = {k: v.detach().to("cpu", copy=True) for k, v in train_state(self.module, self.cfg.method).items()}
-        return TrialResult(self.scale, self.history, self.step, resumed_at, state)
+        return TrialResult(self.scale, self.history, self.step, resumed_at, state, self.val_predicted or [])
 
     def _train_epoch(self) -> EpochStats:
         cfg, rt = self.cfg, self.rt
@@ -151,7 +186,7 @@ class Trainer:
         set_train_mode(self.module, cfg.method)
         sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss * n, correct, n (this rank)
         steps = min(len(self.loader), self.total_steps - self.step)
-        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="step", leave=False,
+        bar = tqdm(total=steps, desc=f"{self.name}epoch {self.epoch + 1}/{self.epochs}", unit="step", leave=False,
                    disable=not (self.progress and rt.is_main), dynamic_ncols=True)
         start = time.perf_counter()
         for i, (x, y) in enumerate(self.loader):
@@ -160,7 +195,7 @@ class Trainer:
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             with rt.autocast():
                 logits = self.net(x)  # [B, C]
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, weight=self.loss_weights)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -186,9 +221,14 @@ class Trainer:
                           val_loss, val_acc, seconds, time.perf_counter() - start, n / seconds)
 
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss and accuracy of the current model (eval mode, sharded over processes)."""
+        """Validation loss and accuracy of the current model (eval mode, sharded over processes); records how
+        many images it gives each class (``val_predicted``, summed over processes)."""
         self.module.eval()
-        return loss_and_accuracy(*predict(self.module, self.val_loader, self.rt), self.rt)
+        logits, labels = predict(self.module, self.val_loader, self.rt, f"{self.name}validation",
+                                 progress=self.progress, level=logging.DEBUG)
+        counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).tolist()
+        self.val_predicted = [round(c) for c in self.rt.sum(counts)]
+        return loss_and_accuracy(logits, labels, self.rt)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 

@@ -1,30 +1,38 @@
-"""training/: config and CLI contract, batch order, checkpoints, train-mode policy, reports (no training)."""
+"""training/: config and CLI contract, batch order, class balance, checkpoints, train-mode policy, trial choice,
+reports, registration retries (no training)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from repadapter import RepAdapter, attach_slots, load_backbone
 from repadapter.errors import CheckpointError
-from training.batches import ShardedBatchSampler
+from training.batches import ShardedBatchSampler, class_weights
 from training.checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
-from training.cli import build_parser, main
+from training.cli import build_parser, config_flags, main
 from training.config import SCALE_GRID, TrainConfig
 from training.demo import imagenet_bundle
+from training.export import _retry_after
 from training.model import TaskModel, build_model, set_train_mode, train_state
-from training.report import plot_curves, write_json
+from training.pipeline import pick_trial
+from training.report import class_figures, class_table, plot_confusion, plot_curves, write_json
+from training.trainer import TrialResult, _balance
 
 AGREED_FLAGS = (  # docs/CORE_API.md "Agreed interfaces": the service's integration test relies on them
     "--data", "--task", "--store", "--backbone", "--checkpoint", "--method", "--epochs", "--max-steps",
     "--batch-size", "--lr", "--weight-decay", "--hidden", "--groups", "--scale", "--search-scale", "--dropout",
     "--drop-path", "--placement", "--image-size", "--n-train", "--n-val", "--n-test", "--seed", "--out-dir",
-    "--resume", "--overwrite", "--register", "--token", "--device", "--amp",
+    "--resume", "--overwrite", "--register", "--token", "--device", "--amp", "--balance", "--class-mix",
 )
 
 
@@ -47,6 +55,9 @@ def test_defaults_are_the_paper_recipe():
     ({"hidden": 6, "groups": 4}, "divisible"),
     ({"method": "linear", "search_scale": True}, "'repadapter' only"),
     ({"scale_grid": (1.0, 1.0)}, "distinct"),
+    ({"class_mix": (5.0, 0.0)}, "at least two"),
+    ({"class_mix": (5.0, -1.0, 2.0)}, ">= 0"),
+    ({"balance": "oversample"}, "none"),
     ({"placement": "mlp"}, "block"),
 ])
 def test_config_refuses_inconsistent_settings(kw, message):
@@ -59,6 +70,22 @@ def test_token_never_reaches_reports():
     assert cfg.register_url == "http://x"
     assert "s3cret" not in json.dumps(cfg.public_dict())
     assert "s3cret" not in repr(cfg)
+
+
+def test_command_line_reproduces_the_config_without_the_token():
+    cfg = TrainConfig(data="mnist", task="digits", register="http://h:1", token="s3cret", search_scale=True,
+                      scale_grid=(0.1, 2.0), class_mix=(5.0, 1.0), balance="loss", out_dir=Path("/tmp/a b"))
+    command = cfg.command_line(resume=True)
+    assert "s3cret" not in command
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "training"]
+    assert argv[3:] == ["--data", "mnist", "--task", "digits", "--search-scale", "--scale-grid", "0.1,2",
+                        "--balance", "loss", "--class-mix", "5,1", "--out-dir", "/tmp/a b", "--resume",
+                        "--register", "http://h:1"]
+    parser = argparse.ArgumentParser()
+    source = config_flags(parser)
+    again = TrainConfig(**source(parsed_args=parser.parse_args(argv[3:]))())
+    assert again == cfg.model_copy(update={"resume": True, "token": None})  # the same run, token aside
 
 
 def test_help_documents_every_agreed_flag(capsys):
@@ -123,6 +150,112 @@ def test_sharded_batches_drop_a_tail_too_small_for_every_rank():
     assert len(sampler) == len(list(sampler)) == 2  # the ninth sample cannot feed four ranks
     with pytest.raises(ValueError, match="divisible"):
         ShardedBatchSampler(9, 6, seed=0, world_size=4)
+
+
+# --- class balance -----------------------------------------------------------------------------------
+
+
+def test_class_weights_are_sklearns_balanced_weights():
+    labels = torch.tensor([0, 0, 0, 1, 3, 3])  # class 2 absent
+    weights = class_weights(labels, 4)
+    torch.testing.assert_close(weights, torch.tensor([6 / (3 * 3), 6 / (3 * 1), 0.0, 6 / (3 * 2)]))
+    assert (weights[labels].sum() / len(labels)).item() == pytest.approx(1.0)  # mean weight per image: 1
+    torch.testing.assert_close(class_weights(torch.tensor([0, 1, 2, 0, 1, 2]), 3), torch.ones(3))
+
+
+def _imbalanced(n0: int = 90, n1: int = 10) -> TensorDataset:
+    return TensorDataset(torch.zeros(n0 + n1, 2), torch.tensor([0] * n0 + [1] * n1))
+
+
+@pytest.mark.parametrize("balance", ["none", "loss", "sampler"])
+def test_balance_sets_loss_weights_or_sampler_weights(balance):
+    cfg = TrainConfig(data="mnist", task="digits", balance=balance)
+    loss_weights, sample_weights = _balance(cfg, _imbalanced(), num_classes=2)
+    if balance == "loss":
+        torch.testing.assert_close(loss_weights, torch.tensor([100 / (2 * 90), 100 / (2 * 10)]))
+        assert sample_weights is None
+    elif balance == "sampler":
+        assert loss_weights is None
+        assert sample_weights.shape == (100,)
+        torch.testing.assert_close(sample_weights[:90].sum(), sample_weights[90:].sum())  # each class half the draws
+    else:
+        assert loss_weights is None
+        assert sample_weights is None
+
+
+def test_weighted_sampler_draws_classes_equally_and_shards_like_one_process():
+    labels = _imbalanced().tensors[1]
+    weights = class_weights(labels, 2)[labels]
+    single = ShardedBatchSampler(100, 20, seed=1, weights=weights)
+    ranks = [ShardedBatchSampler(100, 20, seed=1, rank=r, world_size=2, weights=weights) for r in range(2)]
+    drawn = []
+    for epoch in range(20):
+        for s in (single, *ranks):
+            s.set_epoch(epoch)
+        whole = list(single)
+        assert [len(b) for b in whole] == [20] * 5  # an epoch is still N draws
+        for batch, (a, b) in zip(whole, zip(*ranks, strict=True), strict=True):
+            assert sorted(a + b) == sorted(batch)  # the same global draws, cut into shares
+        drawn += [i for b in whole for i in b]
+    share = (labels[torch.tensor(drawn)] == 1).float().mean().item()
+    assert share == pytest.approx(0.5, abs=0.05)  # 10% of the data, half of the draws (2,000 draws)
+    with pytest.raises(ValueError, match="sampling weights"):
+        ShardedBatchSampler(100, 20, seed=1, weights=weights[:50])
+
+
+# --- trial choice -------------------------------------------------------------------------------------
+
+
+def _trial(scale: float, val_accuracy: float, predicted: list[int]) -> TrialResult:
+    from training.trainer import EpochStats
+
+    stats = EpochStats(1, 1, 1e-3, 1.0, 0.5, 1.0, val_accuracy, 1.0, 0.1, 10.0)
+    return TrialResult(scale, [stats], 1, 0, {}, predicted)
+
+
+def test_a_collapsed_trial_is_named_and_never_picked(caplog):
+    val_labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    collapsed = _trial(10.0, 0.60, [100, 0, 0])  # everything is class 0: 60% accuracy, the best figure
+    nearly = _trial(5.0, 0.59, [96, 4, 0])  # 96% one class: collapsed too (threshold 95%)
+    healthy = _trial(1.0, 0.55, [50, 35, 15])
+    assert collapsed.collapse == (0, 1.0)
+    assert nearly.collapse == (0, 0.96)
+    assert healthy.collapse is None
+    with caplog.at_level(logging.WARNING, logger="training.pipeline"):
+        assert pick_trial([collapsed, nearly, healthy], ["a", "b", "c"], val_labels) is healthy
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "scale=10 collapsed: it predicts 'a' for 100.0% of the 100 validation images (60.0% of them" in warnings[0]
+    assert "val_accuracy=0.6000; never picked" in warnings[0]
+    assert "scale=5 collapsed: it predicts 'a' for 96.0%" in warnings[1]
+    with pytest.raises(ValueError, match=r"every --search-scale trial \(10, 5\) collapsed"):
+        pick_trial([collapsed, nearly], ["a", "b", "c"], val_labels)
+    assert pick_trial([collapsed], ["a", "b", "c"], val_labels) is collapsed  # a lone run: kept, with the warning
+
+
+def test_best_trial_is_the_first_of_equals():
+    trials = [_trial(0.1, 0.5, [5, 5]), _trial(1.0, 0.7, [6, 4]), _trial(10.0, 0.7, [4, 6])]
+    assert pick_trial(trials, ["a", "b"], torch.tensor([0, 1] * 5)).scale == 1.0
+
+
+# --- registration -------------------------------------------------------------------------------------
+
+
+def test_retry_after_reads_seconds_and_dates_and_is_capped():
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    import httpx
+
+    def wait(value: str | None) -> float:
+        return _retry_after(httpx.Response(503, headers={} if value is None else {"Retry-After": value}))
+
+    assert wait("2") == 2.0
+    assert wait(None) == 1.0
+    assert wait("junk") == 1.0
+    assert wait("3600") == 30.0  # bounded
+    assert wait("-5") == 0.0
+    assert wait(format_datetime(datetime.now(UTC) + timedelta(seconds=10), usegmt=True)) == pytest.approx(10, abs=1.5)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
@@ -222,6 +355,37 @@ def test_imagenet_bundle_is_the_backbone_classifier(embedded):
 
 
 # --- reports ------------------------------------------------------------------------------------------
+
+
+def test_class_figures_on_known_predictions():
+    labels = [0, 0, 0, 1, 1, 2]
+    predicted = [0, 0, 1, 1, 0, 0]
+    f = class_figures(labels, predicted, ["a", "b", "c"])
+    assert f["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [1, 0, 0]]  # rows: true class, columns: predicted
+    assert f["accuracy"] == pytest.approx(3 / 6)
+    assert f["macro_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert f["per_class"] == [
+        {"label": "a", "precision": pytest.approx(2 / 4), "recall": pytest.approx(2 / 3), "support": 3},
+        {"label": "b", "precision": pytest.approx(1 / 2), "recall": pytest.approx(1 / 2), "support": 2},
+        {"label": "c", "precision": 0.0, "recall": 0.0, "support": 1},  # never predicted: 0, no warning
+    ]
+    majority = class_figures([0] * 57 + [1] * 11 + [2] * 4 + [3] * 28, [0] * 100, ["a", "b", "c", "d"])
+    assert (majority["accuracy"], majority["macro_accuracy"]) == (pytest.approx(0.57), pytest.approx(0.25))
+    absent = class_figures([0, 0, 1], [0, 1, 1], ["a", "b", "c"])  # class c not in the split: not averaged
+    assert absent["macro_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+    assert absent["per_class"][2]["support"] == 0
+    table = class_table(f).splitlines()
+    assert table[0].split() == ["class", "precision", "recall", "support"]
+    assert table[1].split() == ["a", "0.500", "0.667", "3"]
+    assert table[-1].split() == ["macro", "acc.", "0.389"]
+
+
+def test_confusion_plot_is_a_png(tmp_path):
+    f = class_figures([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], ["T-shirt/top", "Trouser", "Pullover"])
+    plot_confusion(tmp_path / "confusion.png", f, "t")
+    png = (tmp_path / "confusion.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 10_000
 
 
 def test_report_files(tmp_path):
