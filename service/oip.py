@@ -260,8 +260,8 @@ def _float_data(data: Any) -> torch.Tensor:
         raise InvalidInput(f"input {IMAGE!r}: data must be an array of numbers")
     try:
         return torch.tensor(data, dtype=torch.float32).flatten()
-    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise InvalidInput(f"input {IMAGE!r}: data must be a (flat or evenly nested) array of numbers: {e}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise InvalidInput(f"input {IMAGE!r}: data must be a (flat or evenly nested) array of numbers") from None
 
 
 def _leaves(data: list) -> list:
@@ -338,26 +338,31 @@ def predictions_needed(request: InferRequest, task: TaskRef) -> int:
 
 def encode_response(task: TaskRef, request: InferRequest,
                     predictions: list[list[tuple[str, float]]]) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it (else ``None``)."""
-    n, k = len(predictions), min(request.top_k, len(task.labels))
-    tensors: dict[str, tuple[list[int], Literal["FP32", "BYTES"], np.ndarray | list[str]]] = {}
-    if PROBABILITIES in request.outputs:
-        tensors[PROBABILITIES] = ([n, len(task.labels)], "FP32", _probabilities(task, predictions))
-    if LABELS in request.outputs:
-        tensors[LABELS] = ([n, k], "BYTES", [label for row in predictions for label, _ in row[:k]])
+    """The response body (outputs in the order asked for), and the JSON header's length when binary outputs follow
+    it (else ``None``)."""
     outputs, blobs = [], []
-    for name, (shape, datatype, values) in tensors.items():
-        if request.outputs[name]:
-            blob = _binary(values)
-            blobs.append(blob)
+    for name, binary in request.outputs.items():
+        shape, datatype, values = _output(name, task, request.top_k, predictions)
+        if binary:
+            blobs.append(_binary(values))
             outputs.append(ResponseOutput(name=name, shape=shape, datatype=datatype,
-                                          parameters={"binary_data_size": len(blob)}))
+                                          parameters={"binary_data_size": len(blobs[-1])}))
         else:
             data = values.tolist() if isinstance(values, np.ndarray) else values
             outputs.append(ResponseOutput(name=name, shape=shape, datatype=datatype, data=data))
     header = InferenceResponse(model_name=task.name, model_version=str(task.version), id=request.id,
                                outputs=outputs).model_dump_json(exclude_none=True).encode()
     return header + b"".join(blobs), len(header) if blobs else None
+
+
+def _output(name: str, task: TaskRef, top_k: int, predictions: list[list[tuple[str, float]]],
+            ) -> tuple[list[int], Literal["FP32", "BYTES"], np.ndarray | list[str]]:
+    """An output's shape, datatype and values (row-major, flat)."""
+    n, classes = len(predictions), len(task.labels)
+    if name == PROBABILITIES:
+        return [n, classes], "FP32", _probabilities(task, predictions)
+    k = min(top_k, classes)
+    return [n, k], "BYTES", [label for row in predictions for label, _ in row[:k]]
 
 
 def _probabilities(task: TaskRef, predictions: list[list[tuple[str, float]]]) -> np.ndarray:

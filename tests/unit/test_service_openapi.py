@@ -14,7 +14,9 @@ from service.settings import Settings
 
 ADMIN, READER = "admin-token-for-tests", "reader-token-for-tests"
 ADMIN_OPS = {("post", "/tasks"), ("delete", "/tasks/{name}")}
-READER_OPS = {("post", "/classify"), ("get", "/tasks"), ("get", "/tasks/{name}")}
+READER_OPS = {("post", "/classify"), ("get", "/tasks"), ("get", "/tasks/{name}"),
+              *{(method, f"/v2/models/{{name}}{version}{op}") for version in ("", "/versions/{version}")
+                for method, op in (("get", ""), ("get", "/ready"), ("post", "/infer"))}}
 
 
 def schema(tmp_path, **tokens: str) -> dict:
