@@ -73,6 +73,7 @@ def test_every_setting_has_a_flag_and_a_description():
     help_text = build_parser().format_help()
     for name, field in Settings.model_fields.items():
         assert f"--{name.replace('_', '-')}" in help_text
+        assert f"{ENV_PREFIX}{name.upper()}" in help_text.replace("\n", "").replace(" ", "")
         assert field.description
 
 

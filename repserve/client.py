@@ -1,0 +1,103 @@
+"""The RepServe HTTP API as the command line uses it: base URL and token from flags or the environment,
+every failure one line (the server's JSON ``detail``) and exit code 1.
+
+The token is read from the environment only (a command line is visible to other users) and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://localhost:8000"
+URL_ENV = "REPSERVE_URL"
+TOKEN_ENV = "REPSERVE_TOKEN"
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClientError(Exception):
+    """A request failed (connection, HTTP status); the message is the one line printed."""
+
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """``--url``, ``--json`` and ``--timeout``: the options every client command shares."""
+    parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
+                        help=f"server base URL (default: ${URL_ENV} or {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON answer instead of a table")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default: 60)")
+
+
+def token_from_env(admin: bool, environ: Mapping[str, str] = os.environ) -> str | None:
+    """``$REPSERVE_TOKEN``, else the server's own variable for the role: ``REPSERVE_ADMIN_TOKEN`` for
+    management; ``REPSERVE_CLASSIFY_TOKEN`` then ``REPSERVE_ADMIN_TOKEN`` (which the server also accepts)
+    for classification and reads. Operators who run the client next to the server have those set already."""
+    names = [TOKEN_ENV, "REPSERVE_ADMIN_TOKEN"] if admin else [TOKEN_ENV, "REPSERVE_CLASSIFY_TOKEN",
+                                                               "REPSERVE_ADMIN_TOKEN"]
+    return next((environ[n] for n in names if environ.get(n)), None)
+
+
+def error_line(response: httpx.Response) -> str:
+    """``<METHOD> <path>: <status> <error>: <detail>`` from the server's ``{"error", "detail"}`` body."""
+    request = response.request
+    where = f"{request.method} {request.url.path}: {response.status_code}"
+    try:
+        body = response.json()
+        return f"{where} {body['error']}: {body['detail']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{where} {response.reason_phrase}: {response.text[:300].strip()}"
+
+
+class Client:
+    """Requests to one server; raises :class:`ClientError` for anything but a 2xx answer."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            response = httpx.request(method, self.url + path, headers=headers, timeout=self.timeout, **kwargs)
+        except httpx.ConnectError as e:
+            raise ClientError(f"cannot connect to {self.url} ({e}); is the server running? (--url, ${URL_ENV})") from e
+        except httpx.HTTPError as e:
+            raise ClientError(f"{method} {self.url}{path}: {type(e).__name__}: {e}") from e
+        if response.is_error:
+            raise ClientError(error_line(response))
+        return response
+
+    def classify(self, task: str, images: list[Path], top_k: int) -> dict[str, Any]:
+        files = []
+        for path in images:
+            try:
+                files.append(("files", (path.name, path.read_bytes(), "application/octet-stream")))
+            except OSError as e:
+                raise ClientError(f"cannot read {path}: {e.strerror or e}") from e
+        return self.request("POST", "/classify", params={"task": task, "top_k": top_k}, files=files).json()
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/tasks").json()["tasks"]
+
+    def task(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/tasks/{name}").json()
+
+    def delete(self, name: str) -> None:
+        self.request("DELETE", f"/tasks/{name}")
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def table(rows: list[list[object]], headers: list[str]) -> str:
+    """A plain left-aligned text table (columns padded to their widest cell)."""
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
