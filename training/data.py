@@ -183,8 +183,29 @@ NAMED_DATASETS: dict[str, tuple[Callable[[], Pool], list[str]]] = {
 }
 
 
+def mixed_pool(labels: np.ndarray, mix: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sub-pool whose class frequencies follow ``mix`` (one weight per label; missing or 0: dropped).
+
+    Keeps as many rows as the scarcest class relative to its weight allows. Returns the kept row indices
+    (sorted) and ``remap`` (old label -> new label, -1 for a dropped class; kept classes keep their order).
+    """
+    weights = np.zeros(int(labels.max()) + 1)
+    if len(mix) > len(weights):
+        raise ValueError(f"class_mix has {len(mix)} frequencies for {len(weights)} classes")
+    weights[: len(mix)] = mix
+    counts = np.bincount(labels, minlength=len(weights))
+    kept = np.flatnonzero(weights > 0)
+    factor = min(counts[c] / weights[c] for c in kept)
+    rng = np.random.default_rng(seed)
+    rows = [rng.permutation(np.flatnonzero(labels == c))[: int(weights[c] * factor)] for c in kept]
+    remap = np.full(len(weights), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    return np.sort(np.concatenate(rows)), remap
+
+
 def load_dataset(
-    source: str, *, seed: int = 42, n_train: int | None = 800, n_val: int = 200, n_test: int | None = 2000
+    source: str, *, seed: int = 42, n_train: int | None = 800, n_val: int = 200, n_test: int | None = 2000,
+    class_mix: Sequence[float] | None = None,
 ) -> DatasetSplits:
     """Load a named embedded dataset, or else an ImageFolder directory, as seeded stratified splits.
 
@@ -194,10 +215,15 @@ def load_dataset(
     Directory ``DIR``: ``DIR/train/<class>/*``; ``DIR/val/`` is used whole when present, otherwise
     ``min(n_val, 20% of train/)`` images are carved out of train/; ``DIR/test/`` is optional and capped
     at ``n_test``; ``n_train`` caps train. Names win over directories: write ``./mnist`` for a folder.
+    ``class_mix`` (named datasets only) first cuts the training pool to those class frequencies (see
+    :func:`mixed_pool`), so train, val and a held-out test follow it; a dataset's own test split keeps its
+    class balance, restricted to the kept classes, so every class's recall is measured on equal footing.
     Raises ``ValueError`` with an actionable message for unknown sources, bad trees and bad sizes.
     """
     if source in NAMED_DATASETS:
-        splits = _load_named(source, seed, n_train, n_val, n_test)
+        splits = _load_named(source, seed, n_train, n_val, n_test, class_mix)
+    elif class_mix is not None:
+        raise ValueError("class_mix applies to the embedded datasets only (a folder's classes are its files)")
     else:
         splits = _load_folder(Path(source).expanduser(), seed, n_train, n_val, n_test)
     if len(splits.train) == 0:
@@ -214,10 +240,16 @@ def load_dataset(
     return splits
 
 
-def _load_named(name: str, seed: int, n_train: int | None, n_val: int, n_test: int | None) -> DatasetSplits:
+def _load_named(name: str, seed: int, n_train: int | None, n_val: int, n_test: int | None,
+                class_mix: Sequence[float] | None) -> DatasetSplits:
     loader, classes = NAMED_DATASETS[name]
     images, labels, test_images, test_labels = loader()
-    n, n_fit = len(labels), n_val + (n_train or 0)
+    pool = np.arange(len(labels))  # the rows train/val (and a held-out test) are drawn from
+    if class_mix is not None:
+        pool, remap = mixed_pool(labels, class_mix, seed)
+        labels, classes = remap[labels], [c for c, new in zip(classes, remap, strict=True) if new >= 0]
+        test_labels = None if test_labels is None else remap[test_labels]
+    n, n_fit = len(pool), n_val + (n_train or 0)
     if n_fit > n:
         raise ValueError(f"{name} has {n} training images; n_train + n_val = {n_fit} does not fit")
     if test_images is None or test_labels is None:
@@ -225,13 +257,15 @@ def _load_named(name: str, seed: int, n_train: int | None, n_val: int, n_test: i
             raise ValueError(f"{name} has no test split: set n_train or n_test to size the held-out part")
         n_hold = n - n_fit if n_test is None else min(n_test, n - n_fit)
         n_tr = n - n_val - n_hold if n_train is None else n_train
-        train_idx, val_idx, test_idx = stratified_split(labels, [n_tr, n_val, n_hold], seed)
+        train_idx, val_idx, test_idx = (pool[p] for p in stratified_split(labels[pool], [n_tr, n_val, n_hold], seed))
         test = ArrayDataset(images, labels, test_idx)
     else:
         n_tr = n - n_val if n_train is None else n_train
-        train_idx, val_idx = stratified_split(labels, [n_tr, n_val], seed)
-        n_hold = len(test_labels) if n_test is None else min(n_test, len(test_labels))
-        test = ArrayDataset(test_images, test_labels, stratified_split(test_labels, [n_hold], seed)[0])
+        train_idx, val_idx = (pool[p] for p in stratified_split(labels[pool], [n_tr, n_val], seed))
+        test_pool = np.flatnonzero(test_labels >= 0)
+        n_hold = len(test_pool) if n_test is None else min(n_test, len(test_pool))
+        (test_idx,) = stratified_split(test_labels[test_pool], [n_hold], seed)
+        test = ArrayDataset(test_images, test_labels, test_pool[test_idx])
     return DatasetSplits(
         ArrayDataset(images, labels, train_idx), ArrayDataset(images, labels, val_idx), test, list(classes)
     )

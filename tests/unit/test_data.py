@@ -14,6 +14,7 @@ from training.data import (
     ArrayDataset,
     FolderDataset,
     load_dataset,
+    mixed_pool,
     stratified_split,
 )
 
@@ -153,6 +154,58 @@ def test_named_errors():
         load_dataset("digits", n_train=1700, n_val=200)
     with pytest.raises(ValueError, match="no test split"):
         load_dataset("digits", n_train=None, n_test=None)
+
+
+# --- class mix (an imbalanced task from a balanced source) --------------------------------------------
+
+
+def test_mixed_pool_follows_the_mix_and_keeps_as_much_as_the_scarcest_class_allows():
+    labels = np.repeat(np.arange(5), [100, 80, 100, 100, 100])
+    keep, remap = mixed_pool(labels, [57, 11, 4, 27], seed=0)  # class 4 (and any beyond the mix) dropped
+    counts = np.bincount(labels[keep], minlength=5)
+    np.testing.assert_array_equal(counts, [100, 19, 7, 47, 0])  # floor(w * 100/57): class 0 is the scarcest
+    np.testing.assert_array_equal(remap, [0, 1, 2, 3, -1])
+    assert np.all(np.diff(keep) > 0)  # sorted, no repeats
+    keep0, _ = mixed_pool(labels, [0, 1, 1], seed=0)  # class 0 dropped: labels 1, 2 become 0, 1
+    np.testing.assert_array_equal(np.bincount(labels[keep0], minlength=3), [0, 80, 80])
+    np.testing.assert_array_equal(mixed_pool(labels, [0, 1, 1], seed=0)[1], [-1, 0, 1, -1, -1])
+    with pytest.raises(ValueError, match="6 frequencies for 5 classes"):
+        mixed_pool(labels, [1] * 6, seed=0)
+
+
+def test_mnist_class_mix_shapes_train_val_and_the_held_out_test():
+    d = load_dataset("mnist", seed=1, n_train=300, n_val=100, n_test=200, class_mix=(57, 11, 4, 27))
+    assert d.classes == ["0", "1", "2", "3"]
+    mix = np.array([57, 11, 4, 27]) / 99
+    for split, n in ((d.train, 300), (d.val, 100), (d.test, 200)):
+        assert len(split) == n
+        assert np.all(np.abs(np.bincount(split.labels, minlength=4) - n * mix) <= 1.01)  # stratified: +-1
+        assert split.labels.max() == 3
+        image, label = split[0]
+        assert (image.mode, label) == ("RGB", split.labels[0])
+    joined = np.concatenate([d.train.indices, d.val.indices, d.test.indices])
+    assert len(np.unique(joined)) == len(joined)  # still disjoint
+    plain = load_dataset("mnist", seed=1, n_train=300, n_val=100, n_test=200)
+    assert np.all(np.bincount(plain.train.labels) == 30)  # the source is balanced
+
+
+@NEEDS_FASHION
+def test_fashion_class_mix_keeps_its_own_test_split_balanced():
+    d = load_dataset("fashion-mnist", seed=0, n_train=200, n_val=50, n_test=400, class_mix=(0, 6, 0, 2))
+    assert d.classes == ["Trouser", "Dress"]  # classes 1 and 3, relabelled 0 and 1
+    np.testing.assert_array_equal(np.bincount(d.train.labels), [150, 50])
+    np.testing.assert_array_equal(np.bincount(d.test.labels), [200, 200])  # t10k's balance, kept classes only
+    pool = load_dataset("fashion-mnist", seed=0, n_test=None).test
+    assert set(pool.labels[d.test.indices]) == {1, 3}  # the original labels of the rows taken
+
+
+def test_class_mix_errors(tree: Path):
+    with pytest.raises(ValueError, match="11 frequencies for 10 classes"):
+        load_dataset("digits", class_mix=[1.0] * 11)
+    with pytest.raises(ValueError, match="embedded datasets only"):
+        load_dataset(str(tree), class_mix=(1.0, 2.0))
+    with pytest.raises(ValueError, match="does not fit"):  # 2 classes of ~180 digits: 100 + 90 + ... too many
+        load_dataset("digits", n_train=300, n_val=100, class_mix=(1, 1))
 
 
 # --- ImageFolder --------------------------------------------------------------------------------------
