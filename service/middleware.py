@@ -50,6 +50,39 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class _BodyDeadline:
+    """One request's body deadline, from its first ``receive``: past it, ``receive`` answers a disconnect (the
+    app stops reading, as for a client that left) and ``send`` drops the app's answer to that (the
+    middleware's 408 replaces it)."""
+
+    def __init__(self, receive: Receive, send: Send, timeout_s: float) -> None:
+        self._receive, self._send, self.timeout_s = receive, send, timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._deadline: float | None = None
+        self.complete = self.timed_out = self.started = False
+
+    async def receive(self) -> Message:
+        if self.complete:
+            return await self._receive()
+        if self._deadline is None:
+            self._deadline = self._loop.time() + self.timeout_s
+        try:
+            message = await asyncio.wait_for(self._receive(), max(self._deadline - self._loop.time(), 0.0))
+        except TimeoutError:
+            self.timed_out = True
+            return {"type": "http.disconnect"}
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.timed_out and not self.started:
+            return  # the app's own answer to the "disconnect"
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class BodyDeadlineMiddleware:
     """A request's body must arrive within ``timeout_s`` of its first read, or the request gets 408.
 
@@ -65,39 +98,13 @@ class BodyDeadlineMiddleware:
         if scope["type"] != "http" or not self.timeout_s:
             await self.app(scope, receive, send)
             return
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None
-        complete = timed_out = started = False
-
-        async def timed_receive() -> Message:
-            nonlocal deadline, complete, timed_out
-            if complete:
-                return await receive()
-            if deadline is None:
-                deadline = loop.time() + self.timeout_s
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except TimeoutError:
-                timed_out = True
-                return {"type": "http.disconnect"}  # the app stops reading, as for a client that left
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                complete = True
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if timed_out and not started:
-                return  # the app's own answer to the "disconnect"; the 408 below replaces it
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        guard = _BodyDeadline(receive, send, self.timeout_s)
         try:
-            await self.app(scope, timed_receive, guarded_send)
+            await self.app(scope, guard.receive, guard.send)
         except Exception:
-            if not timed_out:
+            if not guard.timed_out:
                 raise
-        if timed_out and not started:
+        if guard.timed_out and not guard.started:
             body = json.dumps({"error": "body_timeout", "detail": f"the request body did not arrive within "
                                                                   f"{self.timeout_s:g} s"}).encode()
             await send({"type": "http.response.start", "status": 408,
