@@ -218,6 +218,29 @@ def _placement_sites(names: list[str] | tuple[str, ...], placement: str) -> list
     return [n for n in names if placement == "block" or n.endswith(f".adapter_{placement}")]
 
 
+def _adapter_params(name: str, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """``site -> param -> tensor`` of a bundle's adapter tensors, after checking every key (the head's two
+    present, nothing unknown) and dtype (float32); :class:`BundleError` naming the first problem."""
+    for key in ("head.weight", "head.bias"):
+        if key not in tensors:
+            raise BundleError(f"task {name!r}: missing tensor {key!r}")
+    sites: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise BundleError(f"task {name!r}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; "
+                              "bundle tensors are float32")
+        if key.startswith("head."):
+            if key not in ("head.weight", "head.bias"):
+                raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
+            continue
+        prefix, _, rest = key.partition(".")
+        site, _, param = rest.rpartition(".")
+        if prefix != "adapter" or param not in _PARAMS or not site:
+            raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
+        sites.setdefault(site, {})[param] = t
+    return sites
+
+
 @functools.lru_cache(maxsize=256)
 def _layout_problem(layout: Layout, groups: int, placement: str, site_dims: tuple[tuple[str, int], ...],
                     num_features: int) -> str:
@@ -282,23 +305,7 @@ class PackedBundle:
         parameters, hidden size vs the manifest: none at all when it is 0) and values (finite, at most
         :data:`MAX_ABS_VALUE`), then pack. Raises :class:`BundleError` naming what is wrong."""
         name, cfg = manifest.name, manifest.adapter
-        for key in ("head.weight", "head.bias"):
-            if key not in tensors:
-                raise BundleError(f"task {name!r}: missing tensor {key!r}")
-        sites: dict[str, dict[str, Tensor]] = {}
-        for key, t in tensors.items():
-            if t.dtype != torch.float32:
-                raise BundleError(f"task {name!r}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; "
-                                  "bundle tensors are float32")
-            if key.startswith("head."):
-                if key not in ("head.weight", "head.bias"):
-                    raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
-                continue
-            prefix, _, rest = key.partition(".")
-            site, _, param = rest.rpartition(".")
-            if prefix != "adapter" or param not in _PARAMS or not site:
-                raise BundleError(f"task {name!r}: unexpected tensor {key!r}")
-            sites.setdefault(site, {})[param] = t
+        sites = _adapter_params(name, tensors)
         if sites and not cfg.hidden:
             raise BundleError(f"task {name!r}: the manifest's adapter.hidden is 0 (no adapters) but the bundle has "
                               f"adapter tensors for {len(sites)} sites, e.g. {sorted(sites)[:3]}")
@@ -405,6 +412,31 @@ class OfficialCheckpoint:
         return bundle
 
 
+def _official_adapter(site: str, p: dict[str, Tensor], dim: int, *, groups: int | None,
+                      scale: float) -> AdapterWeights:
+    """One site's official ``conv_{A,B}.{weight,bias}`` as checked :class:`AdapterWeights` for a site of ``dim``
+    channels (see :func:`import_official`); :class:`CheckpointError` naming the key at fault."""
+    lacking = [k for k in _OFFICIAL_PARAMS if k not in p]
+    if lacking:
+        raise CheckpointError(f"{site} lacks {[f'{site}.{k}' for k in lacking]}")
+    for k in _OFFICIAL_PARAMS:
+        t, want = p[k], 3 if k.endswith("weight") else 1
+        if not t.is_floating_point() or t.ndim != want or (want == 3 and t.shape[-1] != 1):
+            raise CheckpointError(f"{site}.{k} has shape {tuple(t.shape)} ({t.dtype}); expected a floating "
+                                  f"{'[out, in, 1] kernel-size-1 conv weight' if want == 3 else 'vector'}")
+    a, b = p["conv_A.weight"][:, :, 0], p["conv_B.weight"][:, :, 0]
+    if a.shape[0] % b.shape[1]:
+        raise CheckpointError(f"{site}: conv_A has {a.shape[0]} outputs, not a multiple of conv_B's "
+                              f"{b.shape[1]} inputs per group")
+    w = AdapterWeights(a.float(), p["conv_A.bias"].float(), b.float(), p["conv_B.bias"].float(),
+                       groups if groups is not None else a.shape[0] // b.shape[1], scale)
+    try:
+        w.validate(dim)
+    except ValueError as e:
+        raise CheckpointError(f"{site}: {e}") from e
+    return w
+
+
 def import_official(
     state_dict: dict[str, Tensor], *, scale: float, sites: Sequence[Site], groups: int | None = None
 ) -> OfficialCheckpoint:
@@ -447,27 +479,7 @@ def import_official(
     if missing:
         raise CheckpointError(f"the checkpoint has no adapters for {len(missing)} of the {len(dims)} sites: "
                               f"{missing[:8]}")
-    out = {}
-    for site, p in found.items():
-        lacking = [k for k in _OFFICIAL_PARAMS if k not in p]
-        if lacking:
-            raise CheckpointError(f"{site} lacks {[f'{site}.{k}' for k in lacking]}")
-        for k in _OFFICIAL_PARAMS:
-            t, want = p[k], 3 if k.endswith("weight") else 1
-            if not t.is_floating_point() or t.ndim != want or (want == 3 and t.shape[-1] != 1):
-                raise CheckpointError(f"{site}.{k} has shape {tuple(t.shape)} ({t.dtype}); expected a floating "
-                                      f"{'[out, in, 1] kernel-size-1 conv weight' if want == 3 else 'vector'}")
-        a, b = p["conv_A.weight"][:, :, 0], p["conv_B.weight"][:, :, 0]
-        if a.shape[0] % b.shape[1]:
-            raise CheckpointError(f"{site}: conv_A has {a.shape[0]} outputs, not a multiple of conv_B's "
-                                  f"{b.shape[1]} inputs per group")
-        w = AdapterWeights(a.float(), p["conv_A.bias"].float(), b.float(), p["conv_B.bias"].float(),
-                           groups if groups is not None else a.shape[0] // b.shape[1], scale)
-        try:
-            w.validate(dims[site])
-        except ValueError as e:
-            raise CheckpointError(f"{site}: {e}") from e
-        out[site] = w
+    out = {site: _official_adapter(site, p, dims[site], groups=groups, scale=scale) for site, p in found.items()}
     configs = {(w.hidden, w.groups) for w in out.values()}
     if len(configs) > 1:
         raise CheckpointError(f"the sites' adapters differ in (hidden, groups): {sorted(configs)}; a task has one")
