@@ -27,6 +27,7 @@ from tests.servicekit import (
     assert_predictions,
     encode,
     multipart_bundle,
+    stored,
     wait_for,
 )
 
@@ -55,10 +56,7 @@ def bundles(model) -> dict[str, TaskBundle]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, bundles) -> LocalStore:
-    s = LocalStore(tmp_path_factory.mktemp("served") / "store")
-    for b in bundles.values():
-        s.put(b)
-    return s
+    return stored(tmp_path_factory.mktemp("served") / "store", bundles.values())
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +199,16 @@ def test_concurrent_traffic_while_tasks_change(server, store, model, bundles, im
     assert len(results) == per_thread * threads_n
     statuses = {code for _, _, code, _ in results}
     assert statuses <= {200, 404}, [r for r in results if r[2] not in (200, 404)][:3]
+    versions_seen = _check_answers(results, reference)
+    assert {("t0", 1), ("t2", 1), ("t3", 1), ("probe", 1)} <= versions_seen
+    assert len({v for n, v in versions_seen if n == "t1"}) >= 2  # answers from more than one t1 version
+    assert store.versions("t1") == [1, 2, 3]
+    assert store.versions("gone") == []
+
+
+def _check_answers(results: list[tuple[str, int, int, dict]], reference: dict) -> set[tuple[str, int]]:
+    """Each answer of the concurrent test: a 404 only for `late` or `gone`; a 200 equal to the reference of
+    the (task, version) it names. Returns the (task, version) pairs answered."""
     versions_seen = set()
     for name, k, code, body in results:
         if code == 404:
@@ -210,10 +218,7 @@ def test_concurrent_traffic_while_tasks_change(server, store, model, bundles, im
         assert body["task"] == name
         versions_seen.add((name, body["task_version"]))
         assert_predictions(answers(body), reference[(name, body["task_version"], k)])
-    assert {("t0", 1), ("t2", 1), ("t3", 1), ("probe", 1)} <= versions_seen
-    assert len({v for n, v in versions_seen if n == "t1"}) >= 2  # answers from more than one t1 version
-    assert store.versions("t1") == [1, 2, 3]
-    assert store.versions("gone") == []
+    return versions_seen
 
 
 def test_sigterm_drains_and_exits(server):

@@ -27,6 +27,7 @@ from tests.servicekit import (
     bundle_parts,
     encode,
     multipart_bundle,
+    stored,
     wait_for,
 )
 
@@ -66,10 +67,7 @@ def tiny_settings(store: Path, **kw: object) -> Settings:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, bundles) -> LocalStore:
-    s = LocalStore(tmp_path_factory.mktemp("api") / "store")
-    for b in bundles.values():
-        s.put(b)
-    return s
+    return stored(tmp_path_factory.mktemp("api") / "store", bundles.values())
 
 
 @pytest.fixture(scope="module")
