@@ -6,5 +6,12 @@ turns its JSON result into markdown, and a ``plot(result, path)``; ``python -m b
 smallest size (what CI runs so the scripts cannot rot); timings are never asserted in tests.
 """
 
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository's root (the benchmarks' working directory, and what their child processes import)."""
+RESULTS = ROOT / "bench" / "results"
+"""Where results are written and the report reads them by default."""
+
 BENCHMARKS: tuple[str, ...] = ("inference", "switch", "memory", "serving", "scale", "replicas", "training")
 """Benchmarks in report order."""

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from repadapter import RepAdapter, WeightSwitcher, attach_slots, mixed_batch
 
-from . import common
-from .common import Case
+from . import backbones, cli, markdown, plots, timing
+from .timing import Case
 
 TITLE = "Zero-cost inference"
 NAME = "inference"
@@ -50,15 +50,15 @@ def build_variants(name: str, device: torch.device, dtype: torch.dtype, seed: in
     (task 0 folded in) and ``adapted`` (adapters in the slots: ``unmerged`` runs it as is, ``mixed`` sets
     per-row adapters, which take precedence over the slot's adapter).
     """
-    bb = common.load(name, device, dtype, seed)
+    bb = backbones.load(name, device, dtype, seed)
     plain = bb.model
     merged, adapted, plain_again = (copy.deepcopy(plain) for _ in range(3))
     merged_sites, adapted_sites = attach_slots(merged), attach_slots(adapted)
-    tasks = [common.random_adapters(merged_sites, seed + 1 + i) for i in range(n_tasks)]
+    tasks = [backbones.random_adapters(merged_sites, seed + 1 + i) for i in range(n_tasks)]
     switcher = WeightSwitcher(merged_sites, pack=True)  # the service's layout: weights in one buffer
     switcher.activate(switcher.prepare("task0", {k: w.to(device) for k, w in tasks[0].items()}))
     device_tasks = [{k: w.to(device, dtype) for k, w in t.items()} for t in tasks]
-    served = [common.served_folds(bb, t, device, dtype) for t in tasks]  # as the device tier holds them
+    served = [backbones.served_folds(bb, t, device, dtype) for t in tasks]  # as the device tier holds them
     for site in adapted_sites:
         site.slot.adapter = RepAdapter.from_weights(device_tasks[0][site.name], site.layout).eval()
 
@@ -95,16 +95,16 @@ def bench_batch(fns: dict[str, Callable[[Tensor, Tensor], Tensor]], batch: int, 
                 seed: int) -> list[dict[str, Any]]:
     """One batch size: all variants interleaved; a row per variant."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, common.IMG_SIZE, common.IMG_SIZE, generator=g).to(device, dtype)
+    x = torch.randn(batch, 3, backbones.IMG_SIZE, backbones.IMG_SIZE, generator=g).to(device, dtype)
     rows = (torch.arange(batch) % n_tasks).to(device)
     with torch.inference_mode():
-        samples = common.measure({v: Case(lambda f=fns[v]: f(x, rows)) for v in VARIANTS}, repeats=repeats,
+        samples = timing.measure({v: Case(lambda f=fns[v]: f(x, rows)) for v in VARIANTS}, repeats=repeats,
                                  warmup=warmup, min_time=min_time, device=device)
     out = []
     for v in VARIANTS:
-        stats = common.summarize(samples[v])
+        stats = timing.summarize(samples[v])
         out.append({"variant": v, "batch": batch, **stats, "images_per_s": batch / stats["median_s"],
-                    "speed_vs_plain": common.paired_ratio(samples["plain"], samples[v])})
+                    "speed_vs_plain": timing.paired_ratio(samples["plain"], samples[v])})
     return out
 
 
@@ -112,16 +112,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=common.csv(int), help="batch sizes (default 1,8,32,64; quick: 1)")
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=cli.csv(int), help="batch sizes (default 1,8,32,64; quick: 1)")
     p.add_argument("--mixed-tasks", type=int, default=4, help="tasks the rows of a mixed batch are spread over")
     p.add_argument("--min-time", type=float, help="seconds per timing sample (default 0.25; quick: 0)")
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
-    archs = common.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
-    batches = common.pick(args.batches, QUICK["batches"], FULL["batches"], args.quick)
-    repeats = common.pick(args.repeats, QUICK["repeats"], FULL["repeats"], args.quick)
-    min_time = common.pick(args.min_time, 0.0, 0.25, args.quick)
+    run = cli.Run(NAME, args, argv)
+    archs = cli.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
+    batches = cli.pick(args.batches, QUICK["batches"], FULL["batches"], args.quick)
+    repeats = cli.pick(args.repeats, QUICK["repeats"], FULL["repeats"], args.quick)
+    min_time = cli.pick(args.min_time, 0.0, 0.25, args.quick)
     capped = run.device.type == "cpu" and not args.quick
     rows: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
@@ -135,9 +135,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             run.note(f"{name}: CPU cap, batches {arch_batches} and {arch_repeats} repeats (full: {batches}, "
                      f"{repeats}); run on a GPU or pass --batches/--repeats for the rest")
         for dt in run.dtypes:
-            dtype = common.DTYPES[dt]
+            dtype = backbones.DTYPES[dt]
             fns, facts[name] = build_variants(name, run.device, dtype, args.seed, args.mixed_tasks)
-            probe = torch.randn(2, 3, common.IMG_SIZE, common.IMG_SIZE).to(run.device, dtype)
+            probe = torch.randn(2, 3, backbones.IMG_SIZE, backbones.IMG_SIZE).to(run.device, dtype)
             rows0 = (torch.arange(2) % args.mixed_tasks).to(run.device)
             checks.append({"arch": name, "dtype": dt, **check(fns, probe, rows0)})
             for b in arch_batches:
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "aa_control_range": [min(aa), max(aa)]},
     }
     config = {"archs": archs, "batches": batches, "repeats": repeats, "warmup": args.warmup, "min_time_s": min_time,
-              "mixed_tasks": args.mixed_tasks, "img_size": common.IMG_SIZE, "dtypes": run.dtypes,
+              "mixed_tasks": args.mixed_tasks, "img_size": backbones.IMG_SIZE, "dtypes": run.dtypes,
               "adapter": {"hidden": 8, "groups": 2, "scale": 1.0}}
     return run.finish(config, results, render, plot)
 
@@ -188,10 +188,10 @@ def render(payload: dict[str, Any]) -> str:
             cells = [f"{by['plain']['images_per_s']:.1f}"]
             cells += [f"{by[v]['images_per_s']:.1f} (x{by[v]['speed_vs_plain']:.3f})"
                       for v in ("merged", "unmerged", "mixed")]
-            cells += [f"x{by['plain_again']['speed_vs_plain']:.3f}", common.fmt_s(by["plain"]["median_s"]),
-                      common.fmt_s(by["merged"]["median_s"])]
+            cells += [f"x{by['plain_again']['speed_vs_plain']:.3f}", markdown.fmt_s(by["plain"]["median_s"]),
+                      markdown.fmt_s(by["merged"]["median_s"])]
             table.append([arch, b, *cells])
-        parts.append(common.md_table(["backbone", "batch", "plain", "merged", "unmerged",
+        parts.append(markdown.md_table(["backbone", "batch", "plain", "merged", "unmerged",
                                       "mixed", "A/A", "latency plain", "latency merged"], table))
     errs = ", ".join(f"{c['arch']} {c['dtype']}: {c['merged_vs_unmerged']:.1e}/{c['mixed_vs_merged_row0']:.1e}"
                      for c in res["checks"])
@@ -203,7 +203,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     """Top: images/s vs batch per backbone; bottom: speed relative to plain, with the 0.99 goal line."""
     rows = payload["results"]["rows"]
     archs = list(dict.fromkeys(r["arch"] for r in rows))
-    fig, axes = common.subplots(len(archs), 2)
+    fig, axes = plots.subplots(len(archs), 2)
     styles = {"fp32": "-", "bf16": "--", "fp16": ":"}
     colors = dict(zip(VARIANTS, ("black", "tab:blue", "tab:orange", "tab:green", "silver"),
                       strict=True))
@@ -224,11 +224,11 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         top.set(title=arch, xlabel="batch", ylabel="images/s")
         bottom.axhline(GOAL, color="grey", lw=0.8)
         bottom.set(xlabel="batch", ylabel="speed / plain (goal line 0.99)")
-        common.log_axes(top, x=True, xticks=batches)
-        common.log_axes(bottom, x=True, y=False, xticks=batches)
+        plots.log_axes(top, x=True, xticks=batches)
+        plots.log_axes(bottom, x=True, y=False, xticks=batches)
         top.legend(fontsize=6)
         bottom.legend(fontsize=6)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

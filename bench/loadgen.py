@@ -16,15 +16,16 @@ import io
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 
-from . import common
+from . import timing
 
+T = TypeVar("T")
 MIXES = ("single", "uniform", "zipf")
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
@@ -145,6 +146,49 @@ def run_load(url: str, plan: Sequence[int], names: Sequence[str], images: Sequen
                                     time_cap_s=time_cap_s, timeout_s=timeout_s))
 
 
+@dataclass(frozen=True)
+class Loads:
+    """The closed-loop loads of one benchmark configuration: in round ``r`` every server gets the same seeded
+    request sequence per mix (an untimed warm-up one, then the measured one), so their figures compare."""
+
+    names: Sequence[str]  # the store's tasks; a plan's index k is names[k]
+    images: Sequence[bytes]
+    requests: int
+    warmup_requests: int
+    seed: int
+    zipf_s: float
+    concurrency: int
+    time_cap_s: float
+    timeout_s: float
+    per_request: int = 1
+    mixes: Sequence[str] = MIXES  # the benchmark's mixes: a mix's index here seeds its sequences
+
+    def warm(self, url: str, mix: str, r: int) -> None:
+        """Round ``r``'s untimed requests of ``mix`` (seeded apart from the measured ones)."""
+        plan = request_plan(mix, len(self.names), self.warmup_requests, (self.seed, 1000 + r, self.mixes.index(mix)),
+                            self.zipf_s)
+        if plan:
+            self._run(url, plan)
+
+    def measure(self, url: str, mix: str, r: int) -> dict[str, Any]:
+        """Round ``r``'s measured load of ``mix``: its figures (:func:`load_stats`)."""
+        plan = request_plan(mix, len(self.names), self.requests, (self.seed, r, self.mixes.index(mix)), self.zipf_s)
+        return load_stats(self._run(url, plan), planned=self.requests, per_request=self.per_request)
+
+    def _run(self, url: str, plan: Sequence[int]) -> Load:
+        return run_load(url, plan, self.names, self.images, per_request=self.per_request,
+                        concurrency=self.concurrency, time_cap_s=self.time_cap_s, timeout_s=self.timeout_s)
+
+
+def interleaved(configs: Sequence[T], repeats: int) -> Iterator[tuple[int, T]]:
+    """``(round, config)`` in the order the loads run: every configuration once per round, the first one
+    rotating, so none always runs first (or right after the same neighbour)."""
+    for r in range(repeats):
+        k = r % len(configs)
+        for config in [*configs[k:], *configs[:k]]:
+            yield r, config
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0..100, linear interpolation); ``None`` if there are no values."""
     return float(np.percentile(values, q)) if len(values) else None
@@ -181,6 +225,14 @@ def summarize_rounds(rounds: Sequence[dict[str, Any]], keys: Sequence[str]) -> d
             "errors": sum(x["errors"] for x in rounds), "ok": sum(x["ok"] for x in rounds)}
 
 
+def throughput_vs(rounds: dict[Any, list[dict[str, Any]]], config: Any, other: Any) -> float | None:
+    """``config``'s throughput relative to ``other``'s: the median of per-round ratios (same round, same
+    request sequence); ``None`` where ``other`` was not measured."""
+    if other not in rounds:
+        return None
+    return paired([x["req_per_s"] for x in rounds[config]], [x["req_per_s"] for x in rounds[other]])
+
+
 def median(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -192,7 +244,7 @@ def mean(values: Sequence[float | None]) -> float | None:
 
 
 def paired(num: Sequence[float], den: Sequence[float]) -> float | None:
-    """:func:`common.paired_ratio` over the rounds where the denominator is positive."""
+    """:func:`timing.paired_ratio` over the rounds where the denominator is positive."""
     pairs = [(a, b) for a, b in zip(num, den, strict=True) if b > 0]
-    return common.paired_ratio(*zip(*pairs, strict=True)) if pairs else None
+    return timing.paired_ratio(*zip(*pairs, strict=True)) if pairs else None
 

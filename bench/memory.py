@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import common, taskgen
+from . import ROOT, backbones, cli, markdown, memstat, plots, taskgen
 
 TITLE = "Memory"
 NAME = "memory"
@@ -69,7 +69,7 @@ def child(argv: Sequence[str]) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    device, dtype = torch.device(a.device), common.DTYPES[a.dtype]
+    device, dtype = torch.device(a.device), backbones.DTYPES[a.dtype]
     _first_use(device)
     keep: list[Any] = []  # everything measured stays referenced until RSS is read
     facts: dict[str, Any] = {}
@@ -77,8 +77,8 @@ def child(argv: Sequence[str]) -> dict[str, Any]:
         keep, facts = _repserve(a, device)
     elif a.mode == "copies":
         keep, facts = _copies(a.arch, a.n, device, dtype, a.seed)
-    common.settle_memory()
-    out = {"rss_bytes": common.rss_bytes(), **facts}
+    memstat.settle_memory()
+    out = {"rss_bytes": memstat.rss_bytes(), **facts}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
@@ -107,8 +107,8 @@ def _repserve(a: Any, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
     from service.metrics import Metrics
     from service.settings import Settings
 
-    settings = Settings(store=a.store, backbone=common.arch_name(a.arch), seed=a.seed, device=device.type,
-                        dtype=common.dtype_name(a.dtype), warmup=False,
+    settings = Settings(store=a.store, backbone=backbones.arch_name(a.arch), seed=a.seed, device=device.type,
+                        dtype=backbones.dtype_name(a.dtype), warmup=False,
                         builtin_task="", store_poll_s=0, policy="auto", host_cache_bytes=1 << 40,
                         device_cache_bytes=a.device_mib << 20, live_cache_bytes=a.live_mib << 20)
     runtime = Runtime(settings, Metrics())
@@ -122,7 +122,7 @@ def _repserve(a: Any, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
         x = torch.zeros(1, *task.shape)
         asyncio.run(runtime.engine.submit(task, x, 1))  # one task queued: a merged batch (fold, live snapshot)
     stats = runtime.residency.stats()
-    facts = {"model_bytes": common.model_nbytes(runtime.backbone.model),
+    facts = {"model_bytes": backbones.model_nbytes(runtime.backbone.model),
              "pristine_bytes": runtime.residency.switcher.pristine_nbytes,
              "bundle_bytes": stats["host"].nbytes, "tasks_host": stats["host"].entries,
              "device_tier_bytes": stats["device"].nbytes, "device_tier_tasks": stats["device"].entries,
@@ -136,10 +136,10 @@ def _repserve(a: Any, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
 
 def _copies(name: str, n: int, device: torch.device, dtype: torch.dtype,
             seed: int) -> tuple[list[Any], dict[str, Any]]:
-    bb = common.load(name, device, dtype, seed)
+    bb = backbones.load(name, device, dtype, seed)
     bb.model.head_task = nn.Linear(bb.num_features, HEAD_CLASSES).to(device, dtype)  # each copy's own head
     models = [bb.model] + [copy.deepcopy(bb.model) for _ in range(n - 1)]
-    return [models], {"model_bytes": common.model_nbytes(bb.model)}
+    return [models], {"model_bytes": backbones.model_nbytes(bb.model)}
 
 
 def measure_point(mode: str, arch: str, n: int, args: Any, device: torch.device, dtype: str,
@@ -149,12 +149,12 @@ def measure_point(mode: str, arch: str, n: int, args: Any, device: torch.device,
            str(device), "--dtype", dtype, "--working-set", str(args.working_set), "--device-mib",
            str(args.device_mib), "--live-mib", str(args.live_mib), "--threads", str(args.threads),
            "--seed", str(args.seed), *(["--store", str(store)] if store else [])]
-    proc = subprocess.run(cmd, cwd=common.ROOT, env=common.child_env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli.child_env(), capture_output=True, text=True,
                           timeout=args.child_timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    log.info("%s %s N=%d: RSS %s", mode, arch, n, common.fmt_bytes(out["rss_bytes"]))
+    log.info("%s %s N=%d: RSS %s", mode, arch, n, markdown.fmt_bytes(out["rss_bytes"]))
     return out
 
 
@@ -164,10 +164,10 @@ def model_bytes(name: str, dtype: torch.dtype) -> int:
 
     from repadapter.backbone import EMBEDDED, EMBEDDED_ARCH
 
-    arch = EMBEDDED_ARCH if name == EMBEDDED else common.arch_name(name)
+    arch = EMBEDDED_ARCH if name == EMBEDDED else backbones.arch_name(name)
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, num_classes=0).to(dtype)
-    return common.model_nbytes(model)
+    return backbones.model_nbytes(model)
 
 
 def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if argv[:1] == ["child"]:
         print(json.dumps(child(argv[1:])))
         return {}
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=common.csv(int), help="task counts N (default 1,10,100,1000; quick: 1,10)")
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=cli.csv(int), help="task counts N (default 1,10,100,1000; quick: 1,10)")
     p.add_argument("--working-set", type=int, default=8, help="tasks served by one merged request each (their "
                    "folds and merged weights are what the device and live tiers hold)")
     p.add_argument("--device-mib", type=int, default=32, help="RepServe's device tier (REPSERVE_DEVICE_CACHE_BYTES)")
@@ -194,17 +194,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "on timing; the copy budget is shared between them")
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per measurement process")
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
-    archs = common.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
-    tasks = sorted(common.pick(args.tasks, QUICK["tasks"], FULL["tasks"], args.quick))
+    run = cli.Run(NAME, args, argv)
+    archs = cli.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
+    tasks = sorted(cli.pick(args.tasks, QUICK["tasks"], FULL["tasks"], args.quick))
     jobs = max(1, args.jobs)
-    budget = min(args.max_gib * 2**30, 0.5 * common.available_bytes() / jobs or args.max_gib * 2**30)
+    budget = min(args.max_gib * 2**30, 0.5 * memstat.available_bytes() / jobs or args.max_gib * 2**30)
     if run.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(run.device)
         budget = min(budget, 0.5 * free / jobs)
     run.note(f"RepServe: every task host-resident, the last {args.working_set} served merged once each; device "
              f"tier {args.device_mib} MiB, live tier {args.live_mib} MiB; tasks have {HEAD_CLASSES}-class heads. "
-             f"Full-model copies measured up to a {common.fmt_bytes(budget)} budget, beyond that extrapolated "
+             f"Full-model copies measured up to a {markdown.fmt_bytes(budget)} budget, beyond that extrapolated "
              "linearly (marked *).")
     dt = run.dtypes[0]
     if len(run.dtypes) > 1:
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stores_dir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     for name in archs:
         wanted = EXTRA_COPY_POINTS if args.quick else (*EXTRA_COPY_POINTS, *tasks)
-        size = model_bytes(name, common.DTYPES[dt])
+        size = model_bytes(name, backbones.DTYPES[dt])
         points += [("repserve", name, n) for n in tasks]
         for n in tasks:
             stores[name, n] = stores_dir / f"{name}-{n}"
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _summarize(name: str, tasks: list[int], rep: dict[int, dict], cop: dict[int, dict], baseline: dict,
-               run: common.Run) -> dict[str, Any]:
+               run: cli.Run) -> dict[str, Any]:
     """Rows per N (memory above the baseline), the per-task and per-copy fits, and the goal figure.
 
     The metric is where the models live: process RSS on a CPU, CUDA allocated bytes on a GPU. The device and
@@ -271,7 +271,7 @@ def _summarize(name: str, tasks: list[int], rep: dict[int, dict], cop: dict[int,
                      "device_tier_bytes": rep[n]["device_tier_bytes"], "live_tier_bytes": rep[n]["live_tier_bytes"],
                      "working_set_bytes": rep[n]["working_set_bytes"]})
     if any(r["copies_extrapolated"] for r in rows):
-        run.note(f"{name}: copies beyond N={max(cop)} extrapolated ({common.fmt_bytes(c1)} per model)")
+        run.note(f"{name}: copies beyond N={max(cop)} extrapolated ({markdown.fmt_bytes(c1)} per model)")
     first = rep[tasks[0]]
     return {
         "arch": name, "metric": key, "rows": rows, "copies_measured": sorted(cop),
@@ -287,7 +287,7 @@ def _summarize(name: str, tasks: list[int], rep: dict[int, dict], cop: dict[int,
 def render(payload: dict[str, Any]) -> str:
     """Markdown: goal verdict, components per backbone, and memory vs N for both sides."""
     res = payload["results"]
-    goal, b = res["goal"], common.fmt_bytes
+    goal, b = res["goal"], markdown.fmt_bytes
     at = ", ".join(f"{arch} **x{v:.2f}** (N models: x{goal['vs_copies'][arch]:.0f})"
                    for arch, v in goal["vs_ideal"].items())
     parts = [
@@ -300,7 +300,7 @@ def render(payload: dict[str, Any]) -> str:
         f"Figures are above the baseline process (Python + torch + timm imported: "
         f"{b(res['baseline']['rss_bytes'])} RSS). Marked * = extrapolated from the measured copies.",
         "",
-        common.md_table(
+        markdown.md_table(
             ["backbone", "model", "pristine copies (switcher)", "bundle / task", "device + live tiers (at max N)",
              "RepServe fixed (fit)", "RepServe per task (fit, tiers excluded)", "per task / bundle"],
             [[a["arch"], b(a["model_bytes"]), b(a["pristine_bytes"]), b(a["bundle_bytes_per_task"]),
@@ -316,7 +316,7 @@ def render(payload: dict[str, Any]) -> str:
                           f"{b(r['copies_bytes'])}{star}", f"x{r['copies_vs_repserve']:.1f}{star}"])
     metric = res["archs"][0]["metric"] if res["archs"] else "rss_bytes"
     parts.append(f"Memory above the baseline ({'process RSS' if metric == 'rss_bytes' else 'CUDA allocated'}):")
-    parts += ["", common.md_table(["backbone", "tasks N", "RepServe", "ideal (RepServe / ideal)",
+    parts += ["", markdown.md_table(["backbone", "tasks N", "RepServe", "ideal (RepServe / ideal)",
                                    "N fine-tuned models", "models / RepServe"], table)]
     return "\n".join(parts)
 
@@ -324,7 +324,7 @@ def render(payload: dict[str, Any]) -> str:
 def plot(payload: dict[str, Any], path: Path) -> None:
     """Memory vs N (log-log) per backbone: RepServe, its goal, and the copies (dashed where extrapolated)."""
     archs = payload["results"]["archs"]
-    fig, axes = common.subplots(len(archs), 1)
+    fig, axes = plots.subplots(len(archs), 1)
     for ax, a in zip(axes[0], archs, strict=True):
         ns = [r["n"] for r in a["rows"]]
         ax.plot(ns, [r["repserve_bytes"] / 2**20 for r in a["rows"]], "o-", label="RepServe")
@@ -335,9 +335,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         meas = [r for r in a["rows"] if not r["copies_extrapolated"]]
         ax.plot([r["n"] for r in meas], [r["copies_bytes"] / 2**20 for r in meas], "s-", color="tab:red")
         ax.set(title=a["arch"], xlabel="tasks N", ylabel="MiB above baseline")
-        common.log_axes(ax, x=True, xticks=ns)
+        plots.log_axes(ax, x=True, xticks=ns)
         ax.legend(fontsize=6)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

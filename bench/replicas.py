@@ -21,19 +21,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from . import common, taskgen
-from .common import fmt_ms, fmt_num, fmt_x
-from .loadgen import add_load_arguments, load_stats, median, paired, photos, request_plan, run_load, summarize_rounds
+from . import backbones, cli, markdown, plots, taskgen
+from .loadgen import (
+    Loads,
+    add_load_arguments,
+    interleaved,
+    median,
+    photos,
+    summarize_rounds,
+    throughput_vs,
+)
+from .markdown import fmt_bytes, fmt_ms, fmt_num, fmt_x
 from .scale import start, tier_bytes
-from .servers import ServerProcess, free_port, sigterm_exits
+from .servers import ServerProcess, free_port, sigterm_exits, wait_until_serving
 
 TITLE = "Many replicas: task-affine routing"
 NAME = "replicas"
@@ -93,14 +98,8 @@ def nginx(routing: str, backends: Sequence[ServerProcess], root: Path) -> Iterat
         proc = subprocess.Popen([binary, "-p", str(root), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nginx did not start: {(root / 'error.log').read_text(errors='replace')}")
-            time.sleep(0.1)
+        wait_until_serving(f"{url}/readyz", proc, 20, name="nginx", interval_s=0.1,
+                           why=lambda: (root / "error.log").read_text(errors="replace"))
         yield url
     finally:
         proc.terminate()
@@ -131,7 +130,7 @@ def delta(after: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[dic
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, help="tasks N in the store (default 2000; quick: 40)")
     p.add_argument("--replicas", type=int, help="RepServe processes behind nginx (default 2)")
     p.add_argument("--budget-mib", type=int, help="task memory per replica, split over its tiers (default 64)")
@@ -140,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads.default = 1
     threads.help = "torch threads of each replica (default 1: the replicas share the machine)"
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
+    run = cli.Run(NAME, args, argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    pick = {key: common.pick(getattr(args, key, None), QUICK[key], FULL[key], args.quick) for key in FULL}
+    pick = {key: cli.pick(getattr(args, key, None), QUICK[key], FULL[key], args.quick) for key in FULL}
     arch = args.archs[0] if args.archs else "embedded"
     n, budget = pick["tasks"], pick["budget_mib"] << 20
     names = [taskgen.task_name(i) for i in range(n)]
@@ -155,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         facts = taskgen.build_store(root / "store", arch, tasks=n, distinct=args.distinct,
                                     image_size=args.image_size or taskgen.default_image_size(arch), seed=args.seed)
-        flags = ["--store", str(root / "store"), "--backbone", common.arch_name(arch), "--seed", str(args.seed),
-                 "--device", run.device.type, "--dtype", common.dtype_name(run.dtypes[0]), "--policy", "auto",
+        flags = ["--store", str(root / "store"), "--backbone", backbones.arch_name(arch), "--seed", str(args.seed),
+                 "--device", run.device.type, "--dtype", backbones.dtype_name(run.dtypes[0]), "--policy", "auto",
                  "--torch-threads", str(args.threads), "--max-batch", str(args.max_batch), "--store-poll-s", "0",
                  "--builtin-task", "", "--log-level", "warning",
                  *(f"--{tier}-cache-bytes={b}" for tier, b in tier_bytes(budget).items())]
@@ -165,53 +164,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             for i in range(pick["replicas"])] for routing in ROUTINGS}
         urls = {routing: stack.enter_context(nginx(routing, fleet, root / f"nginx-{routing}"))
                 for routing, fleet in fleets.items()}
-        common_load = {"per_request": 1, "concurrency": pick["concurrency"], "time_cap_s": pick["time_cap"],
-                       "timeout_s": args.request_timeout}
-        for r in range(pick["repeats"]):
-            configs = [(routing, mix) for mix in MIXES for routing in ROUTINGS]
-            shift = r % len(configs)
-            for routing, mix in configs[shift:] + configs[:shift]:
-                m = MIXES.index(mix)
-                warm = request_plan(mix, n, pick["warmup_requests"], (args.seed, 1000 + r, m), args.zipf_s)
-                if warm:
-                    run_load(urls[routing], warm, names, images, **common_load)
-                plan = request_plan(mix, n, pick["requests"], (args.seed, r, m), args.zipf_s)
-                before = counters(fleets[routing])
-                stats = load_stats(run_load(urls[routing], plan, names, images, **common_load),
-                                   planned=pick["requests"], per_request=1)
-                after = counters(fleets[routing])
-                change = delta(after, before)
-                ok = max(stats["ok"], 1)
-                served = [d["requests"] for d in change]
-                replicas_of = Counter(task for d in change for task, v in d["by_task"].items() if v > 0)
-                stats.update({
-                    "host_loads_per_request": sum(d["host_loads"] for d in change) / ok,
-                    "device_loads_per_request": sum(d["device_loads"] for d in change) / ok,
-                    "replica_requests": served,
-                    "replica_share": [s / max(sum(served), 1) for s in served],
-                    "tasks": len(replicas_of),
-                    "tasks_on_several_replicas": sum(1 for c in replicas_of.values() if c > 1),
-                    "rss_bytes": [s.memory().get("rss_bytes", 0) for s in fleets[routing]],
-                })
-                rounds.setdefault((routing, mix), []).append(stats)
-                run.log.info("round %d %-11s %-7s %6.1f req/s p99 %.0f ms host loads/req %.3f device loads/req "
-                             "%.3f shares %s errors %d", r + 1, routing, mix, stats["req_per_s"],
-                             stats["p99_ms"] or 0, stats["host_loads_per_request"],
-                             stats["device_loads_per_request"],
-                             "/".join(f"{s:.2f}" for s in stats["replica_share"]), stats["errors"])
+        loads = Loads(names, images, requests=pick["requests"], warmup_requests=pick["warmup_requests"],
+                      seed=args.seed, zipf_s=args.zipf_s, concurrency=pick["concurrency"], time_cap_s=pick["time_cap"],
+                      timeout_s=args.request_timeout, mixes=MIXES)
+        for r, (routing, mix) in interleaved([(routing, mix) for mix in MIXES for routing in ROUTINGS],
+                                             pick["repeats"]):
+            loads.warm(urls[routing], mix, r)
+            before = counters(fleets[routing])
+            stats = loads.measure(urls[routing], mix, r)
+            after = counters(fleets[routing])
+            change = delta(after, before)
+            ok = max(stats["ok"], 1)
+            served = [d["requests"] for d in change]
+            replicas_of = Counter(task for d in change for task, v in d["by_task"].items() if v > 0)
+            stats.update({
+                "host_loads_per_request": sum(d["host_loads"] for d in change) / ok,
+                "device_loads_per_request": sum(d["device_loads"] for d in change) / ok,
+                "replica_requests": served,
+                "replica_share": [s / max(sum(served), 1) for s in served],
+                "tasks": len(replicas_of),
+                "tasks_on_several_replicas": sum(1 for c in replicas_of.values() if c > 1),
+                "rss_bytes": [s.memory().get("rss_bytes", 0) for s in fleets[routing]],
+            })
+            rounds.setdefault((routing, mix), []).append(stats)
+            run.log.info("round %d %-11s %-7s %6.1f req/s p99 %.0f ms host loads/req %.3f device loads/req "
+                         "%.3f shares %s errors %d", r + 1, routing, mix, stats["req_per_s"],
+                         stats["p99_ms"] or 0, stats["host_loads_per_request"],
+                         stats["device_loads_per_request"],
+                         "/".join(f"{s:.2f}" for s in stats["replica_share"]), stats["errors"])
     rows = []
     for mix in MIXES:
         for routing in ROUTINGS:
             rs = rounds[routing, mix]
-            thr = [x["req_per_s"] for x in rs]
             rows.append({
                 "routing": routing, "mix": mix,
                 **summarize_rounds(rs, ("p50_ms", "p99_ms", "batch_mean", "host_loads_per_request",
                                         "device_loads_per_request")),
                 "max_share": max(max(x["replica_share"]) for x in rs),
                 "split_tasks": median([x["tasks_on_several_replicas"] / max(x["tasks"], 1) for x in rs]),
-                "vs_round_robin": paired(thr, [x["req_per_s"] for x in rounds[ROUND_ROBIN, mix]])
-                if routing == HASH else None,
+                "vs_round_robin": throughput_vs(rounds, (routing, mix), (ROUND_ROBIN, mix)) if routing == HASH
+                else None,
                 "per_round": rs,
             })
     results = {"rows": rows, "errors": sum(r["errors"] for r in rows), "store": facts,
@@ -245,8 +237,8 @@ def render(payload: dict[str, Any]) -> str:
         "store, a GPU busy with other tasks).",
         "",
         f"{cfg['replicas']} replicas behind nginx over one store of {cfg['tasks']} tasks, each replica with "
-        f"{cfg['budget_mib']} MiB of task memory (host {common.fmt_bytes(tiers['host'])}, device "
-        f"{common.fmt_bytes(tiers['device'])}, live {common.fmt_bytes(tiers['live'])}) and {cfg['replica_threads']} "
+        f"{cfg['budget_mib']} MiB of task memory (host {fmt_bytes(tiers['host'])}, device "
+        f"{fmt_bytes(tiers['device'])}, live {fmt_bytes(tiers['live'])}) and {cfg['replica_threads']} "
         f"torch thread. `hash` = `hash $arg_task consistent` (deploy/nginx.conf, the Ingress's "
         "`upstream-hash-by`), `round-robin` = nginx's default. Closed loop: "
         f"{cfg['concurrency']} clients, {cfg['requests']} requests per load (1 JPEG each), {cfg['repeats']} rounds, "
@@ -255,7 +247,7 @@ def render(payload: dict[str, Any]) -> str:
         "replicas); *split tasks* = share of the tasks requested in a load whose requests reached more than one "
         f"replica; *max share* = the busiest replica's share of the requests. Errors: {res['errors']}.",
         "",
-        common.md_table(
+        markdown.md_table(
             ["mix", "routing", "req/s", "vs round-robin", "p50", "p99", "store loads/req", "device loads/req",
              "split tasks", "max share", "batch"],
             [[r["mix"], r["routing"], f"{r['req_per_s']:.1f}", fmt_x(r["vs_round_robin"]), fmt_ms(r["p50_ms"]),
@@ -268,7 +260,7 @@ def render(payload: dict[str, Any]) -> str:
 def plot(payload: dict[str, Any], path: Path) -> None:
     """Throughput and loads per request, per mix, for the two routings."""
     rows = payload["results"]["rows"]
-    fig, grid = common.subplots(2, width=4.4)
+    fig, grid = plots.subplots(2, width=4.4)
     axes = grid[0]
     width = 0.38
     for i, (routing, color) in enumerate(((HASH, "tab:blue"), (ROUND_ROBIN, "tab:gray"))):

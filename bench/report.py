@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import BENCHMARKS, common
+from . import BENCHMARKS, RESULTS, ROOT, machine
 
 HEADER = """# RepServe benchmarks
 
@@ -54,7 +54,7 @@ def build(results: Path, output: Path) -> str:
     machines = {json.dumps(r["machine"], sort_keys=True) for r in found.values()}
     parts = [HEADER]
     if len(machines) == 1:
-        parts += ["## Machine", "", common.describe_machine(next(iter(found.values()))["machine"]), ""]
+        parts += ["## Machine", "", machine.describe_machine(next(iter(found.values()))["machine"]), ""]
     for i, name in enumerate(BENCHMARKS, 1):
         module = importlib.import_module(f"bench.{name}")
         parts += [f"## {i}. {module.TITLE}", ""]
@@ -63,11 +63,11 @@ def build(results: Path, output: Path) -> str:
             parts += [f"Not run yet: `python -m bench.{name}`.", ""]
             continue
         parts += [f"Command: `{payload['command']}`", "",
-                  f"Run {payload['started']}, {payload['duration_s']} s; {common.load_noise_note(payload)}."]
+                  f"Run {payload['started']}, {payload['duration_s']} s; {machine.load_noise_note(payload)}."]
         if payload["quick"]:
             parts.append("**Quick (smoke-size) run: these figures are not a measurement.**")
         if len(machines) > 1:
-            parts.append(f"Machine: {common.describe_machine(payload['machine'])}")
+            parts.append(f"Machine: {machine.describe_machine(payload['machine'])}")
         parts += ["", module.render(payload), ""]
         png = results / f"{name}.png"
         if png.exists():
@@ -79,8 +79,8 @@ def build(results: Path, output: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", type=Path, default=common.RESULTS, help="directory of <name>.json results")
-    p.add_argument("--output", type=Path, default=common.ROOT / "BENCHMARKS.md")
+    p.add_argument("--results", type=Path, default=RESULTS, help="directory of <name>.json results")
+    p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--check", action="store_true", help="exit 1 if the output is not up to date; write nothing")
     args = p.parse_args(argv)
     text = build(args.results, args.output)

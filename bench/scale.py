@@ -42,19 +42,18 @@ from typing import Any
 
 import httpx
 
-from . import common, taskgen
-from .common import fmt_ms, fmt_x
+from . import backbones, cli, markdown, plots, taskgen
 from .loadgen import (
+    Loads,
     add_load_arguments,
-    load_stats,
+    interleaved,
     median,
-    paired,
     percentile,
     photos,
-    request_plan,
-    run_load,
     summarize_rounds,
+    throughput_vs,
 )
+from .markdown import fmt_bytes, fmt_ms, fmt_x
 from .servers import ServerProcess, sigterm_exits, stopping
 
 TITLE = "Many tasks per replica"
@@ -107,7 +106,7 @@ def store_loads(server: ServerProcess) -> float | None:
     return server.counter("repserve_task_loads_total", tier="host") or 0.0
 
 
-def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget: int,
+def bench_n(n: int, args: Any, run: cli.Run, *, pick: dict[str, Any], budget: int,
             baselines: dict[str, list[str]]) -> dict[str, Any]:
     """Every measurement at N tasks: store, servers one after the other, cold tasks, interleaved loads."""
     arch = args.archs[0] if args.archs else "embedded"
@@ -122,8 +121,8 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
         models = taskgen.export_models(root / "store", root / "models", arch, seed=args.seed)
         facts["generate_s"] = time.perf_counter() - t0
         k = max(1, budget // models["model_bytes"])
-        shared = ["--store", str(root / "store"), "--backbone", common.arch_name(arch), "--seed", str(args.seed),
-                  "--device", run.device.type, "--dtype", common.dtype_name(run.dtypes[0])]
+        shared = ["--store", str(root / "store"), "--backbone", backbones.arch_name(arch), "--seed", str(args.seed),
+                  "--device", run.device.type, "--dtype", backbones.dtype_name(run.dtypes[0])]
         servers: dict[str, ServerProcess] = {}
         startup: dict[str, dict[str, Any]] = {}
         rs_flags = [*shared, "--policy", "auto", "--torch-threads", str(args.threads), "--max-batch",
@@ -141,48 +140,40 @@ def bench_n(n: int, args: Any, run: common.Run, *, pick: dict[str, Any], budget:
         cold_names = names[::-1][:pick["cold"]]  # the least popular under Zipf: never requested before
         cold = {name: cold_requests(s, cold_names, images[0]) for name, s in servers.items()}
         rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        common_load = {"per_request": 1, "concurrency": pick["concurrency"], "time_cap_s": pick["time_cap"],
-                       "timeout_s": args.request_timeout}
-        for r in range(pick["repeats"]):
-            configs = [(srv, mix) for mix in MIXES for srv in servers]
-            shift = r % len(configs)
-            for srv, mix in configs[shift:] + configs[:shift]:
-                server, m = servers[srv], MIXES.index(mix)
-                warm = request_plan(mix, n, pick["warmup_requests"], (args.seed, 1000 + r, m), args.zipf_s)
-                if warm:
-                    run_load(server.url, warm, names, images, **common_load)
-                plan = request_plan(mix, n, pick["requests"], (args.seed, r, m), args.zipf_s)
-                loads = store_loads(server)
-                stats = load_stats(run_load(server.url, plan, names, images, **common_load),
-                                   planned=pick["requests"], per_request=1)
-                after = store_loads(server)
-                stats["store_loads_per_request"] = None if loads is None or after is None else \
-                    (after - loads) / max(stats["ok"], 1)
-                stats.update({f"end_{k}": v for k, v in server.memory().items()})
-                rounds.setdefault((srv, mix), []).append(stats)
-                run.log.info("N=%d round %d %-8s %-7s %6.1f req/s p50 %.0f ms p99 %.0f ms loads/req %.2f errors %d",
-                             n, r + 1, srv, mix, stats["req_per_s"], stats["p50_ms"] or 0, stats["p99_ms"] or 0,
-                             stats["store_loads_per_request"] or 0, stats["errors"])
+        loads = Loads(names, images, requests=pick["requests"], warmup_requests=pick["warmup_requests"],
+                      seed=args.seed, zipf_s=args.zipf_s, concurrency=pick["concurrency"], time_cap_s=pick["time_cap"],
+                      timeout_s=args.request_timeout, mixes=MIXES)
+        for r, (srv, mix) in interleaved([(srv, mix) for mix in MIXES for srv in servers], pick["repeats"]):
+            server = servers[srv]
+            loads.warm(server.url, mix, r)
+            before = store_loads(server)
+            stats = loads.measure(server.url, mix, r)
+            after = store_loads(server)
+            stats["store_loads_per_request"] = None if before is None or after is None else \
+                (after - before) / max(stats["ok"], 1)
+            stats.update({f"end_{k}": v for k, v in server.memory().items()})
+            rounds.setdefault((srv, mix), []).append(stats)
+            run.log.info("N=%d round %d %-8s %-7s %6.1f req/s p50 %.0f ms p99 %.0f ms loads/req %.2f errors %d",
+                         n, r + 1, srv, mix, stats["req_per_s"], stats["p50_ms"] or 0, stats["p99_ms"] or 0,
+                         stats["store_loads_per_request"] or 0, stats["errors"])
         baseline_stats = {name: servers[name].readyz() or {} for name in baselines}
     rows = []
     servers_order = [REPSERVE, *baselines]
     for mix in MIXES:
         for srv in servers_order:
             rs = rounds[srv, mix]
-            thr = [x["req_per_s"] for x in rs]
+            vs = srv == REPSERVE
             rows.append({
                 "server": srv, "mix": mix,
                 **summarize_rounds(rs, ("p50_ms", "p95_ms", "p99_ms", "batch_mean", "mixed_share",
                                         "store_loads_per_request")),
                 "rss_bytes": max(x.get("end_rss_bytes", 0) for x in rs),
                 "server_ms": {key: median([x["server_ms"][key] for x in rs]) for key in rs[0]["server_ms"]},
-                "vs_baseline": paired(thr, [x["req_per_s"] for x in rounds[BASELINE, mix]]) if srv == REPSERVE
-                else None,
-                "vs_baseline_new": paired(thr, [x["req_per_s"] for x in rounds[BASELINE_NEW, mix]])
-                if srv == REPSERVE and (BASELINE_NEW, mix) in rounds else None,
+                "vs_baseline": throughput_vs(rounds, (srv, mix), (BASELINE, mix)) if vs else None,
+                "vs_baseline_new": throughput_vs(rounds, (srv, mix), (BASELINE_NEW, mix)) if vs else None,
                 "p99_vs_baseline": _ratio(median([x["p99_ms"] for x in rs]),
                                           median([x["p99_ms"] for x in rounds[BASELINE, mix]]))
-                if srv == REPSERVE else None,
+                if vs else None,
                 "per_round": rs,
             })
     return {"n": n, **facts, **models, "cache_models": k, "tiers": tiers, "startup": startup, "cold": cold,
@@ -195,8 +186,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=common.csv(int), help="task counts N (default 20,1000,10000; quick: 30)")
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=cli.csv(int), help="task counts N (default 20,1000,10000; quick: 30)")
     p.add_argument("--budget-mib", type=int, help="task memory per server: RepServe's tiers, the baseline's K "
                    "models (default 512; quick: 64)")
     p.add_argument("--cold", type=int, help="tasks requested once each, cold then warm (default 50; quick: 5)")
@@ -206,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads.default = max(1, threads.default - 1)
     threads.help = "torch threads of each server (default: usable CPUs - 1: the load generator needs a core)"
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
+    run = cli.Run(NAME, args, argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    pick = {key: common.pick(getattr(args, key, None), QUICK[key], FULL[key], args.quick) for key in FULL}
+    pick = {key: cli.pick(getattr(args, key, None), QUICK[key], FULL[key], args.quick) for key in FULL}
     budget = pick["budget_mib"] << 20
     run.note(f"Tasks are {args.distinct} distinct bundles and renamed copies of them (hard links), and the "
              "baseline's model files likewise: both servers read them from a warm page cache. That flatters the "
@@ -251,33 +242,33 @@ def render(payload: dict[str, Any]) -> str:
         f"N = 20 >= {GOAL_FEW}x. {verdict}. Errors: {res['errors']}.",
         "",
         f"Same task memory for both servers: {cfg['budget_mib']} MiB. RepServe's tiers: host "
-        f"{common.fmt_bytes(first['tiers']['host'])}, device {common.fmt_bytes(first['tiers']['device'])}, live "
-        f"{common.fmt_bytes(first['tiers']['live'])}; the baselines: an LRU of K = {first['cache_models']} full models "
-        f"({common.fmt_bytes(first['model_bytes'])} each), loaded from their files on a miss into an evicted "
+        f"{fmt_bytes(first['tiers']['host'])}, device {fmt_bytes(first['tiers']['device'])}, live "
+        f"{fmt_bytes(first['tiers']['live'])}; the baselines: an LRU of K = {first['cache_models']} full models "
+        f"({fmt_bytes(first['model_bytes'])} each), loaded from their files on a miss into an evicted "
         "model's module (`baseline`) or into a new model (`baseline-new`, as Ray Serve's multiplexing). Closed loop: "
         f"{cfg['concurrency']} clients, {cfg['requests']} requests per load (1 JPEG each), {cfg['repeats']} rounds, "
         f"{cfg['warmup_requests']} untimed requests before each load; Zipf s={cfg['zipf_s']}. *loads/req* = tasks "
         "read from the store per request (RepServe: into the host tier; the baseline: model loads).",
         "",
-        common.md_table(
+        markdown.md_table(
             ["N", "mix", "server", "req/s", "vs baseline", "vs baseline-new", "p50", "p99", "p99 vs baseline",
              "loads/req", "batch", "RSS"],
             [[res["n"], r["mix"], r["server"], f"{r['req_per_s']:.1f}", fmt_x(r["vs_baseline"]),
               fmt_x(r.get("vs_baseline_new")), fmt_ms(r["p50_ms"]),
               fmt_ms(r["p99_ms"]), fmt_x(r["p99_vs_baseline"]),
               "-" if r["store_loads_per_request"] is None else f"{r['store_loads_per_request']:.2f}",
-              "-" if r["batch_mean"] is None else f"{r['batch_mean']:.1f}", common.fmt_bytes(r["rss_bytes"])]
+              "-" if r["batch_mean"] is None else f"{r['batch_mean']:.1f}", fmt_bytes(r["rss_bytes"])]
              for res in res["per_n"] for r in res["rows"]]),
         "",
         "Start-up (process start to `/readyz` 200; RepServe reads the catalog and the manifests, no tensor) and "
         f"cold tasks ({first['cold'][REPSERVE]['cold']['n']} tasks never requested before, one request each on the "
         "idle server, then the same again warm; *load* = the server's own time to load the task):",
         "",
-        common.md_table(
+        markdown.md_table(
             ["N", "server", "ready after", "RSS at ready", "cold p50", "cold p99", "cold load p50", "warm p50",
              "warm p99"],
             [[res["n"], srv, f"{res['startup'][srv]['ready_s']:.1f} s",
-              common.fmt_bytes(res["startup"][srv].get("rss_bytes", 0)), fmt_ms(c["cold"]["p50_ms"]),
+              fmt_bytes(res["startup"][srv].get("rss_bytes", 0)), fmt_ms(c["cold"]["p50_ms"]),
               fmt_ms(c["cold"]["p99_ms"]), fmt_ms(c["cold"]["load_p50_ms"]), fmt_ms(c["warm"]["p50_ms"]),
               fmt_ms(c["warm"]["p99_ms"])]
              for res in res["per_n"] for srv, c in res["cold"].items()]),
@@ -287,7 +278,7 @@ def render(payload: dict[str, Any]) -> str:
         "*inference* = the batch that served it. The baselines' requests spend their time waiting for model "
         "loads: one model per task cannot share a forward with another task, and every miss reads a full model.",
         "",
-        common.md_table(
+        markdown.md_table(
             ["N", "mix", "server", "decode", "load", "queue", "inference", "total"],
             [[res["n"], r["mix"], r["server"], *(f"{r['server_ms'][k]:.1f}" if r["server_ms"][k] is not None
                                                    else "-" for k in ("decode_ms", "load_ms", "queue_ms",
@@ -303,7 +294,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     """Throughput and p99 against N (log x), per server and mix; start-up against N."""
     per_n = payload["results"]["per_n"]
     ns = [res["n"] for res in per_n]
-    fig, grid = common.subplots(3, width=4.4)
+    fig, grid = plots.subplots(3, width=4.4)
     axes = grid[0]
     styles = {REPSERVE: "tab:blue", BASELINE: "tab:red", BASELINE_NEW: "tab:orange"}
     names = {REPSERVE: "RepServe", BASELINE: "LRU of full models", BASELINE_NEW: "LRU, new model per miss"}
@@ -323,9 +314,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     axes[1].set(title="p99 latency", ylabel="ms", xlabel="tasks N")
     axes[2].set(title="start-up (to ready)", ylabel="s", xlabel="tasks N")
     for ax in axes:
-        common.log_axes(ax, x=True, y=False, xticks=ns)
+        plots.log_axes(ax, x=True, y=False, xticks=ns)
         ax.legend(fontsize=6)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

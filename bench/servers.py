@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import common
+from . import ROOT, cli
 
 log = logging.getLogger("bench.servers")
 
@@ -62,6 +62,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout_s: float, *, name: str,
+                       ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+                       interval_s: float = 0.25, why: Callable[[], str] = lambda: "") -> float:
+    """Poll ``url`` until its answer is ``ready`` (default: a 200); the seconds that took. A server that
+    exits, or is not serving within ``timeout_s``, raises RuntimeError with ``why()`` (e.g. its log's tail).
+    For every server a benchmark or a test starts as a process (RepServe, the baseline, nginx, moto)."""
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{why()}")
+        with contextlib.suppress(httpx.TransportError):
+            if ready(httpx.get(url, timeout=2.0)):
+                return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"{name} not serving {url} after {timeout_s} s:\n{why()}")
+        time.sleep(interval_s)
+
+
 class ServerProcess:
     """One server (``python -m <module> ...``) on a free loopback port; its output goes to ``log_path``.
 
@@ -76,7 +94,7 @@ class ServerProcess:
         self.cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.cmd, cwd=common.ROOT, env={**common.child_env(), **(env or {})},
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env={**cli.child_env(), **(env or {})},
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_parent_death_signal())
 
     def log_tail(self, n: int = 3000) -> str:
@@ -87,15 +105,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float) -> float:
         """Seconds until ``/readyz`` answered 200; raises (with the log's tail) on exit or timeout."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return time.monotonic() - start
-            time.sleep(0.25)
-        raise RuntimeError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
+        return wait_until_serving(f"{self.url}/readyz", self.proc, timeout, name=self.name, why=self.log_tail)
 
     def memory(self) -> dict[str, int]:
         """Resident and peak resident bytes of the server process (Linux; empty elsewhere)."""

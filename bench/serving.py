@@ -38,9 +38,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import common, taskgen
-from .common import fmt_ms, fmt_num, fmt_x
-from .loadgen import MIXES, load_stats, median, paired, photos, request_plan, run_load
+from . import backbones, cli, markdown, plots, taskgen
+from .loadgen import MIXES, Loads, interleaved, median, photos, throughput_vs
+from .markdown import fmt_ms, fmt_num, fmt_x
 from .servers import ServerProcess, sigterm_exits, stopping
 
 TITLE = "Serving under load"
@@ -54,12 +54,12 @@ FULL = {"tasks": 20, "requests": 400, "concurrency": 16, "repeats": 5, "policies
 QUICK = {"tasks": 2, "requests": 20, "concurrency": 4, "repeats": 1, "policies": ["auto"], "time_cap": 20.0}
 
 
-def start_servers(policies: Sequence[str], baseline: bool, store: Path, arch: str, args: Any, run: common.Run,
+def start_servers(policies: Sequence[str], baseline: bool, store: Path, arch: str, args: Any, run: cli.Run,
                   logs: Path, stack: contextlib.ExitStack) -> dict[str, ServerProcess]:
     """Every server of one backbone, started together (start-up overlaps), each stopped by ``stack``. The
     baseline holds every task's model from the start (``--preload``, no cache bound)."""
-    shared = ["--store", str(store), "--backbone", common.arch_name(arch), "--seed", str(args.seed),
-              "--device", run.device.type, "--dtype", common.dtype_name(run.dtypes[0])]
+    shared = ["--store", str(store), "--backbone", backbones.arch_name(arch), "--seed", str(args.seed),
+              "--device", run.device.type, "--dtype", backbones.dtype_name(run.dtypes[0])]
     servers: dict[str, ServerProcess] = {}
     for policy in policies:
         flags = [*shared, "--policy", policy, "--torch-threads", str(args.threads), "--max-batch",
@@ -78,7 +78,7 @@ def start_servers(policies: Sequence[str], baseline: bool, store: Path, arch: st
     return servers
 
 
-def bench_arch(arch: str, args: Any, run: common.Run, *, tasks: int, requests: int, concurrency: int,
+def bench_arch(arch: str, args: Any, run: cli.Run, *, tasks: int, requests: int, concurrency: int,
                repeats: int, policies: list[str], mixes: list[str], time_cap: float) -> dict[str, Any]:
     """All configurations of one backbone: store, servers, interleaved rounds, per-configuration rows."""
     image_size = args.image_size or taskgen.default_image_size(arch)
@@ -95,40 +95,30 @@ def bench_arch(arch: str, args: Any, run: common.Run, *, tasks: int, requests: i
         servers = start_servers(policies, not args.no_baseline, root / "store", arch, args, run, root, stack)
         ready_memory = {name: s.memory() for name, s in servers.items()}
         ready_costs = {name: s.costs() for name, s in servers.items()}
-        configs = [(srv, mix) for mix in mixes for srv in servers]
-        for r in range(repeats):
-            k = r % len(configs)
-            for srv, mix in configs[k:] + configs[:k]:
-                server = servers[srv]
-                m = MIXES.index(mix)
-                common_load = {"per_request": per_request, "concurrency": concurrency, "time_cap_s": time_cap,
-                               "timeout_s": args.request_timeout}
-                warm = request_plan(mix, tasks, args.warmup * concurrency, (args.seed, 1000 + r, m), args.zipf_s)
-                if warm:
-                    run_load(server.url, warm, names, images, **common_load)
-                plan = request_plan(mix, tasks, requests, (args.seed, r, m), args.zipf_s)
-                switches, cpu = server.counter("repserve_task_switches_total"), server.cpu_seconds()
-                stats = load_stats(run_load(server.url, plan, names, images, **common_load), planned=requests,
-                                   per_request=per_request)
-                switches_after, cpu_after = server.counter("repserve_task_switches_total"), server.cpu_seconds()
-                ok = max(stats["ok"], 1)
-                stats["switches_per_request"] = (None if switches is None or switches_after is None
-                                                 else (switches_after - switches) / ok)
-                stats["server_cpu_ms_per_request"] = None if cpu is None or cpu_after is None else \
-                    (cpu_after - cpu) * 1e3 / ok
-                rounds.setdefault((srv, mix), []).append(stats)
-                run.log.info("round %d/%d %-8s %-7s %6.1f req/s  p50 %s  p99 %s  errors %d", r + 1, repeats, srv,
-                             mix, stats["req_per_s"], fmt_ms(stats["p50_ms"]), fmt_ms(stats["p99_ms"]), stats["errors"])
+        loads = Loads(names, images, requests=requests, warmup_requests=args.warmup * concurrency, seed=args.seed,
+                      zipf_s=args.zipf_s, concurrency=concurrency, time_cap_s=time_cap, timeout_s=args.request_timeout,
+                      per_request=per_request)
+        for r, (srv, mix) in interleaved([(srv, mix) for mix in mixes for srv in servers], repeats):
+            server = servers[srv]
+            loads.warm(server.url, mix, r)
+            switches, cpu = server.counter("repserve_task_switches_total"), server.cpu_seconds()
+            stats = loads.measure(server.url, mix, r)
+            switches_after, cpu_after = server.counter("repserve_task_switches_total"), server.cpu_seconds()
+            ok = max(stats["ok"], 1)
+            stats["switches_per_request"] = (None if switches is None or switches_after is None
+                                             else (switches_after - switches) / ok)
+            stats["server_cpu_ms_per_request"] = None if cpu is None or cpu_after is None else \
+                (cpu_after - cpu) * 1e3 / ok
+            rounds.setdefault((srv, mix), []).append(stats)
+            run.log.info("round %d/%d %-8s %-7s %6.1f req/s  p50 %s  p99 %s  errors %d", r + 1, repeats, srv,
+                         mix, stats["req_per_s"], fmt_ms(stats["p50_ms"]), fmt_ms(stats["p99_ms"]), stats["errors"])
         memory = {name: {**{f"ready_{k}": v for k, v in ready_memory[name].items()}, **s.memory()}
                   for name, s in servers.items()}
         commands = {name: s.command.replace(str(root), "<tmp>") for name, s in servers.items()}
         costs = {name: {"ready": ready_costs[name], "end": s.costs()} for name, s in servers.items()
                  if ready_costs[name] is not None}
     rows = _rows(rounds, list(servers), mixes, per_request)
-    goal = None
-    if ("auto", "zipf") in rounds and ("auto", "single") in rounds:
-        goal = paired([x["req_per_s"] for x in rounds["auto", "zipf"]],
-                       [x["req_per_s"] for x in rounds["auto", "single"]])
+    goal = throughput_vs(rounds, ("auto", "zipf"), ("auto", "single")) if ("auto", "zipf") in rounds else None
     return {"arch": arch, **facts, "tasks": tasks, "rows": rows, "memory": memory, "cost_model": costs,
             "server_commands": commands,
             "auto_zipf_vs_single": goal}
@@ -158,10 +148,8 @@ def _rows(rounds: dict[tuple[str, str], list[dict[str, Any]]], servers: list[str
                 "planned": sum(x["planned"] for x in rs), "sent": sum(x["sent"] for x in rs),
                 "ok": sum(x["ok"] for x in rs), "errors": sum(codes.values()), "error_codes": dict(codes),
                 "capped_rounds": sum(x["sent"] < x["planned"] for x in rs),
-                "vs_single": paired(thr, [x["req_per_s"] for x in rounds[srv, "single"]])
-                if (srv, "single") in rounds else None,
-                "vs_baseline": paired(thr, [x["req_per_s"] for x in rounds[BASELINE, mix]])
-                if srv != BASELINE and (BASELINE, mix) in rounds else None,
+                "vs_single": throughput_vs(rounds, (srv, mix), (srv, "single")),
+                "vs_baseline": throughput_vs(rounds, (srv, mix), (BASELINE, mix)) if srv != BASELINE else None,
                 "per_round": rs,
             }
             rows.append(row)
@@ -170,9 +158,9 @@ def _rows(rounds: dict[tuple[str, str], list[dict[str, Any]]], servers: list[str
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--policies", type=common.csv(), help="RepServe policies (default merged,mixed,auto; quick: auto)")
-    p.add_argument("--mixes", type=common.csv(), default=list(MIXES), help="task mixes: single,uniform,zipf")
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--policies", type=cli.csv(), help="RepServe policies (default merged,mixed,auto; quick: auto)")
+    p.add_argument("--mixes", type=cli.csv(), default=list(MIXES), help="task mixes: single,uniform,zipf")
     p.add_argument("--tasks", type=int, help="tasks in the store (default 20; quick: 2)")
     p.add_argument("--requests", type=int, help="requests per measured load (default 400; quick: 20)")
     p.add_argument("--concurrency", type=int, help="closed-loop clients (default 16; quick: 4)")
@@ -196,9 +184,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads.help = ("torch threads of every server (default: usable CPUs - 1, at least 1: the load generator "
                     "and the servers' HTTP threads need a core; oversubscribed OpenMP threads stall)")
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
+    run = cli.Run(NAME, args, argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    pick = {k: common.pick(getattr(args, k, None), QUICK[k], FULL[k], args.quick) for k in FULL}
+    pick = {k: cli.pick(getattr(args, k, None), QUICK[k], FULL[k], args.quick) for k in FULL}
     archs = args.archs or ["embedded"]
     unknown = (set(pick["policies"]) - set(POLICIES)) | (set(args.mixes) - set(MIXES))
     if unknown:
@@ -265,7 +253,7 @@ def render(payload: dict[str, Any]) -> str:
         cmds = "; ".join(f"`{c}`" for name, c in a["server_commands"].items()
                          if name in (BASELINE, next(iter(a["server_commands"]))))
         parts += ["", f"**{a['arch']}** ({a['backbone']}, input {a['input_size'][1]} px, {a['tasks']} tasks)", "",
-                  common.md_table(["mix", "server", "req/s", "images/s", "p50", "p95", "p99", "errors", "vs single",
+                  markdown.md_table(["mix", "server", "req/s", "images/s", "p50", "p95", "p99", "errors", "vs single",
                                    "vs copies", "batch", "mixed", "switches", "server CPU / req"], table),
                   "", f"Server RSS after the run (torch's libraries included): {mem}. Servers: {cmds}."]
     return "\n".join(parts)
@@ -276,7 +264,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     (bar p50, markers p95 and p99)."""
     archs = payload["results"]["archs"]
     mixes = payload["config"]["mixes"]
-    fig, axes = common.subplots(2, len(archs), width=5.5)
+    fig, axes = plots.subplots(2, len(archs), width=5.5)
     colors = {"merged": "tab:blue", "mixed": "tab:green", "auto": "tab:orange", BASELINE: "tab:red"}
     for row_axes, a in zip(axes, archs, strict=True):
         servers = list(dict.fromkeys(r["server"] for r in a["rows"]))
@@ -301,7 +289,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=6)
         thr_ax.set(title=f"{a['arch']}: throughput", ylabel="requests/s")
         lat_ax.set(title=f"{a['arch']}: latency (bar p50)", ylabel="ms")
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ its own file on a miss (what Ray Serve model multiplexing and TorchServe's per-m
   (``--no-reuse-modules``: a new model, a deep copy of the backbone, per miss).
 - Cache: ``--cache-models K`` (0: no bound); ``--preload`` loads every task at start (the
   one-model-copy-per-task server of ``bench.serving``).
-- Requests are decoded and preprocessed exactly as RepServe does (:func:`repadapter.decode_image`,
-  :func:`repadapter.build_transform` of the task's manifest, read from ``--store``) in a worker thread,
+- Requests are decoded and preprocessed exactly as RepServe does (:func:`repadapter.preprocess.preprocess_batch`
+  with the task's manifest, read from ``--store``) in a worker thread,
   then served by ONE inference thread (like RepServe's single engine worker) with the simplest batching a
   per-task-model server can do: the oldest waiting request and every other waiting request *of the same
   task*, up to ``--max-batch`` images, with no fill delay (``--max-batch 1``: per-request forwards).
@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import copy
-import functools
 import logging
 import os
 import threading
@@ -47,13 +45,18 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from repadapter import LocalStore, Manifest, PreprocessConfig, build_transform, decode_image, load_backbone
+from repadapter import LocalStore, Manifest, load_backbone
 from repadapter.errors import RepServeError
-from service.errors import http_status  # RepServe's own codes for the same errors
+from repadapter.predict import Prediction, top_k
+from repadapter.preprocess import preprocess_batch
+
+# The baseline answers like RepServe by construction: its error codes and its worker-to-request hand-off
+# are the service's own (public, stable pieces of it, not the engine's internals).
+from service.errors import http_status
+from service.handoff import resolve_soon
 
 log = logging.getLogger("bench.serving_baseline")
 
@@ -247,42 +250,19 @@ class Worker:
                 if not isinstance(answer, BaseException):
                     answer = {"predictions": answer, "batch_size": size, "queue_s": start - job.enqueued,
                               "inference_s": seconds}
-                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
-                    job.loop.call_soon_threadsafe(_resolve, job.future, answer)
+                resolve_soon(job.loop, job.future, answer)
 
     @torch.no_grad()
-    def _serve(self, batch: list[_Pending]) -> list[list[list[tuple[str, float]]]]:
+    def _serve(self, batch: list[_Pending]) -> list[list[list[Prediction]]]:
         tm = batch[0].tm
         feats = tm.model(torch.cat([j.x for j in batch]).to(self.device, self.dtype))  # [B, F]
-        logits = torch.addmm(tm.head_bias, feats, tm.head_weight.t()).float()  # [B, C]
+        logits = torch.addmm(tm.head_bias, feats, tm.head_weight.t())  # [B, C]
         out, offset = [], 0
         for job in batch:
-            n, labels = job.x.shape[0], job.labels
-            scores, index = logits[offset:offset + n].softmax(-1).topk(min(job.top_k, len(labels)), dim=-1)
+            n = job.x.shape[0]
+            out.append(top_k(logits[offset:offset + n], job.labels, job.top_k))
             offset += n
-            out.append([[(labels[i], s) for i, s in zip(ri, rs, strict=True)]
-                        for ri, rs in zip(index.tolist(), scores.tolist(), strict=True)])
         return out
-
-
-def _resolve(future: asyncio.Future, value: object) -> None:
-    if future.done():
-        return
-    if isinstance(value, BaseException):
-        future.set_exception(value)
-    else:
-        future.set_result(value)
-
-
-@functools.lru_cache(maxsize=16)
-def _transform(cfg: PreprocessConfig) -> Callable[[Image.Image], Tensor]:
-    return build_transform(cfg)
-
-
-def _preprocess(blobs: Sequence[bytes], cfg: PreprocessConfig) -> Tensor:
-    """``[n, 3, H, W]`` float32: RepServe's decode (limits, EXIF, any mode) and the task's transform."""
-    transform = _transform(cfg)
-    return torch.stack([transform(decode_image(b)) for b in blobs])
 
 
 def create_app(worker: Worker, cache: ModelCache, manifests: dict[str, Manifest]) -> FastAPI:
@@ -311,7 +291,7 @@ def create_app(worker: Worker, cache: ModelCache, manifests: dict[str, Manifest]
             blobs = [await request.body()]
         received = time.perf_counter()
         try:
-            x = await run_in_threadpool(_preprocess, blobs, manifest.preprocess)
+            x = await run_in_threadpool(preprocess_batch, blobs, manifest.preprocess)  # RepServe's decode
         except RepServeError as e:
             return error(http_status(type(e)), e.code, str(e))
         decoded = time.perf_counter()

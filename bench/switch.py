@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from repadapter import WeightSwitcher, attach_slots
 
-from . import common
-from .common import Case
+from . import backbones, cli, markdown, plots, timing
+from .timing import Case
 
 TITLE = "Task switch"
 NAME = "switch"
@@ -57,11 +57,11 @@ CHUNK_BYTES = 1 << 20
 def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
                  tmp: Path) -> tuple[dict[str, Case], dict[str, Any], list[tuple[int, int]]]:
     """The timed cases for one backbone, the byte counts the ratios are about, the targets' weight shapes."""
-    bb = common.load(name, device, dtype, seed)
+    bb = backbones.load(name, device, dtype, seed)
     plain = bb.model
     model = copy.deepcopy(plain)
     sw = WeightSwitcher(attach_slots(model), pack=True)  # as the service runs it
-    a, b, c = ({k: w.to(device) for k, w in common.random_adapters(sw.sites, seed + i).items()} for i in (1, 2, 3))
+    a, b, c = ({k: w.to(device) for k, w in backbones.random_adapters(sw.sites, seed + i).items()} for i in (1, 2, 3))
     delta_a, delta_b = sw.prepare("a", a), sw.prepare("b", b)
     affected = sw.live_tensors(range(len(sw.targets)))
     src, dst = _flat_pair(affected)
@@ -86,8 +86,8 @@ def switch_cases(name: str, device: torch.device, dtype: torch.dtype, seed: int,
         "reload_disk": Case(lambda: plain.load_state_dict(load_file(str(path), device=str(device)))),
         "deepcopy": Case(lambda: copy.deepcopy(plain)),
     }
-    facts = {"targets": len(sw.targets), "affected_bytes": common.nbytes(affected),
-             "delta_bytes": delta_a.nbytes(), "model_bytes": common.model_nbytes(plain)}
+    facts = {"targets": len(sw.targets), "affected_bytes": backbones.nbytes(affected),
+             "delta_bytes": delta_a.nbytes(), "model_bytes": backbones.model_nbytes(plain)}
     return cases, facts, [tuple(t.weight_2d.shape) for t in sw.targets]
 
 
@@ -98,93 +98,106 @@ def _flat_pair(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return src, torch.empty_like(src)
 
 
-def kernel_cases(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype,
-                 seed: int, hidden: int = 8) -> dict[str, Case]:
-    """Candidate switch kernels on standalone tensors of the targets' weight shapes ``[out, in]``."""
-    g = torch.Generator().manual_seed(seed)
+class _Kernels:
+    """Standalone tensors of the targets' weight shapes ``[out, in]`` (seeded), and every candidate switch
+    kernel over them, each a method: what :func:`kernel_cases` times."""
 
-    def rnd(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=g).to(device, dtype)
+    NAMES = ("copy", "copy_loop", "foreach_copy", "addmm", "mm_only", "chunked", "stacked", "swap")
 
-    base = [rnd(*s) for s in shapes]
-    live = [torch.empty_like(t) for t in base]
-    u = [rnd(s[0], hidden) for s in shapes]
-    a = [rnd(hidden, s[1]) for s in shapes]
-    params = [nn.Parameter(t.clone(), requires_grad=False) for t in base]
-    cached = [[torch.addmm(bw, uu, aa) for bw, uu, aa in zip(base, u, a, strict=True)] for _ in range(2)]
-    state = {"which": 0}
+    def __init__(self, shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype, seed: int,
+                 hidden: int) -> None:
+        g = torch.Generator().manual_seed(seed)
 
-    flat_src, flat_dst = _flat_pair(base)
+        def rnd(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=g).to(device, dtype)
 
-    def copy_loop() -> None:
-        for lv, bw in zip(live, base, strict=True):
+        self.base = [rnd(*s) for s in shapes]
+        self.live = [torch.empty_like(t) for t in self.base]
+        self.u = [rnd(s[0], hidden) for s in shapes]
+        self.a = [rnd(hidden, s[1]) for s in shapes]
+        self.params = [nn.Parameter(t.clone(), requires_grad=False) for t in self.base]
+        self.cached = [[torch.addmm(bw, uu, aa) for bw, uu, aa in zip(self.base, self.u, self.a, strict=True)]
+                       for _ in range(2)]
+        self.which = 0
+        self.flat_src, self.flat_dst = _flat_pair(self.base)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(shapes):
+            groups.setdefault(tuple(s), []).append(i)
+        self.stacked_args = [(torch.stack([self.base[i] for i in idx]), torch.stack([self.u[i] for i in idx]),
+                              torch.stack([self.a[i] for i in idx])) for idx in groups.values()]
+        self.stacked_out = [torch.empty_like(b) for b, _, _ in self.stacked_args]
+
+    def copy(self) -> None:
+        self.flat_dst.copy_(self.flat_src)
+
+    def copy_loop(self) -> None:
+        for lv, bw in zip(self.live, self.base, strict=True):
             lv.copy_(bw)
 
-    def addmm() -> None:
-        for lv, bw, uu, aa in zip(live, base, u, a, strict=True):
+    def foreach_copy(self) -> None:
+        torch._foreach_copy_(self.live, self.base)
+
+    def addmm(self) -> None:
+        for lv, bw, uu, aa in zip(self.live, self.base, self.u, self.a, strict=True):
             torch.addmm(bw, uu, aa, out=lv)
 
-    def mm_only() -> None:
-        for lv, uu, aa in zip(live, u, a, strict=True):
+    def mm_only(self) -> None:
+        for lv, uu, aa in zip(self.live, self.u, self.a, strict=True):
             torch.mm(uu, aa, out=lv)
 
-    def chunked() -> None:
-        for lv, bw, uu, aa in zip(live, base, u, a, strict=True):
+    def chunked(self) -> None:
+        for lv, bw, uu, aa in zip(self.live, self.base, self.u, self.a, strict=True):
             rows = max(1, CHUNK_BYTES // (bw.shape[1] * bw.element_size()))
             for i in range(0, bw.shape[0], rows):
                 part = lv[i:i + rows]
                 part.copy_(bw[i:i + rows])
                 part.addmm_(uu[i:i + rows], aa)
 
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(shapes):
-        groups.setdefault(tuple(s), []).append(i)
-    stacked_args = [(torch.stack([base[i] for i in idx]), torch.stack([u[i] for i in idx]),
-                     torch.stack([a[i] for i in idx])) for idx in groups.values()]
-    stacked_out = [torch.empty_like(b) for b, _, _ in stacked_args]
-
-    def stacked() -> None:
-        for out, (bw, uu, aa) in zip(stacked_out, stacked_args, strict=True):
+    def stacked(self) -> None:
+        for out, (bw, uu, aa) in zip(self.stacked_out, self.stacked_args, strict=True):
             torch.baddbmm(bw, uu, aa, out=out)
 
-    def swap() -> None:
-        state["which"] ^= 1
-        for p, t in zip(params, cached[state["which"]], strict=True):
+    def swap(self) -> None:
+        self.which ^= 1
+        for p, t in zip(self.params, self.cached[self.which], strict=True):
             p.data = t
 
-    return {"copy": Case(lambda: flat_dst.copy_(flat_src)), "copy_loop": Case(copy_loop),
-            "foreach_copy": Case(lambda: torch._foreach_copy_(live, base)), "addmm": Case(addmm),
-            "mm_only": Case(mm_only), "chunked": Case(chunked), "stacked": Case(stacked), "swap": Case(swap)}
+
+def kernel_cases(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype,
+                 seed: int, hidden: int = 8) -> dict[str, Case]:
+    """Candidate switch kernels on standalone tensors of the targets' weight shapes ``[out, in]``."""
+    kernels = _Kernels(shapes, device, dtype, seed, hidden)
+    return {name: Case(getattr(kernels, name)) for name in _Kernels.NAMES}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
     p.add_argument("--min-time", type=float, help="seconds per timing sample (default 0.05; quick: 0)")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level comparison")
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
-    archs = common.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
-    repeats = common.pick(args.repeats, QUICK["repeats"], FULL["repeats"], args.quick)
-    min_time = common.pick(args.min_time, 0.0, 0.05, args.quick)
+    run = cli.Run(NAME, args, argv)
+    archs = cli.pick(args.archs, QUICK["archs"], FULL["archs"], args.quick)
+    repeats = cli.pick(args.repeats, QUICK["repeats"], FULL["repeats"], args.quick)
+    min_time = cli.pick(args.min_time, 0.0, 0.05, args.quick)
     rows, kernels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in archs:
             for dt in run.dtypes:
-                dtype = common.DTYPES[dt]
+                dtype = backbones.DTYPES[dt]
                 run.log.info("%s %s", name, dt)
                 cases, facts, shapes = switch_cases(name, run.device, dtype, args.seed, Path(tmp))
-                samples = common.measure(cases, repeats=repeats, warmup=args.warmup, min_time=min_time,
+                samples = timing.measure(cases, repeats=repeats, warmup=args.warmup, min_time=min_time,
                                          device=run.device)
                 rows.append(_row(name, dt, samples, facts))
                 if not args.no_kernels:
-                    ks = common.measure(kernel_cases(shapes, run.device, dtype, args.seed), repeats=repeats,
+                    ks = timing.measure(kernel_cases(shapes, run.device, dtype, args.seed), repeats=repeats,
                                         warmup=args.warmup, min_time=min_time, device=run.device)
                     kernels.append({"arch": name, "dtype": dt,
-                                    **{k: common.summarize(v) for k, v in ks.items()},
-                                    "vs_copy": {k: common.paired_ratio(v, ks["copy"]) for k, v in ks.items()}})
+                                    **{k: timing.summarize(v) for k, v in ks.items()},
+                                    "vs_copy": {k: timing.paired_ratio(v, ks["copy"]) for k, v in ks.items()}})
                 del cases
     if run.device.type == "cpu" and any(k != "fp32" for k in run.dtypes):
         run.note("CPU half precision: activate() may fold in float32 and round once (no fast CPU bf16 matmul); "
@@ -209,18 +222,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _row(name: str, dt: str, samples: dict[str, list[float]], facts: dict[str, Any]) -> dict[str, Any]:
     copy_s = samples["copy"]
     switch_s = samples["switch"]
-    med = {k: common.summarize(v) for k, v in samples.items()}
+    med = {k: timing.summarize(v) for k, v in samples.items()}
     return {
         "arch": name, "dtype": dt, **facts, "times": med,
         "ratios": {
-            "switch_vs_copy": common.paired_ratio(switch_s, copy_s),
-            "switch_hot_vs_copy": common.paired_ratio(samples["switch_hot"], copy_s),
-            "to_base_vs_copy": common.paired_ratio(samples["to_base"], copy_s),
-            "from_base_vs_copy": common.paired_ratio(samples["from_base"], copy_s),
-            "prepare_vs_switch": common.paired_ratio(samples["prepare"], switch_s),
-            "reload_memory_vs_switch": common.paired_ratio(samples["reload_memory"], switch_s),
-            "reload_disk_vs_switch": common.paired_ratio(samples["reload_disk"], switch_s),
-            "deepcopy_vs_switch": common.paired_ratio(samples["deepcopy"], switch_s),
+            "switch_vs_copy": timing.paired_ratio(switch_s, copy_s),
+            "switch_hot_vs_copy": timing.paired_ratio(samples["switch_hot"], copy_s),
+            "to_base_vs_copy": timing.paired_ratio(samples["to_base"], copy_s),
+            "from_base_vs_copy": timing.paired_ratio(samples["from_base"], copy_s),
+            "prepare_vs_switch": timing.paired_ratio(samples["prepare"], switch_s),
+            "reload_memory_vs_switch": timing.paired_ratio(samples["reload_memory"], switch_s),
+            "reload_disk_vs_switch": timing.paired_ratio(samples["reload_disk"], switch_s),
+            "deepcopy_vs_switch": timing.paired_ratio(samples["deepcopy"], switch_s),
         },
         # read + write of the affected bytes per copy: the bandwidth the floor runs at
         "copy_gb_per_s": 2 * facts["affected_bytes"] / med["copy"]["median_s"] / 1e9,
@@ -231,7 +244,7 @@ def render(payload: dict[str, Any]) -> str:
     """Markdown: goal verdict, the switch table, the naive alternatives, and the kernel table."""
     res = payload["results"]
     goal, w = res["goal"], res["goal"]["worst"]
-    t = common.fmt_s
+    t = markdown.fmt_s
     parts = [
         f"Goal: switch A -> B <= {goal['switch_vs_copy_max']} x one copy of the affected weights. Cold switch "
         f"(rank-r addmm from pristine): met in **{goal['met']}/{goal['of']}**, worst **{w['switch_vs_copy']:.2f} x** "
@@ -248,7 +261,7 @@ def render(payload: dict[str, Any]) -> str:
     for r in res["rows"]:
         m, q = r["times"], r["ratios"]
         table.append([
-            r["arch"], r["dtype"], common.fmt_bytes(r["affected_bytes"]),
+            r["arch"], r["dtype"], markdown.fmt_bytes(r["affected_bytes"]),
             f"{t(m['copy']['median_s'])} ({r['copy_gb_per_s']:.1f} GB/s)",
             f"{t(m['switch']['median_s'])} (x{q['switch_vs_copy']:.2f})",
             f"{t(m['switch_hot']['median_s'])} (x{q['switch_hot_vs_copy']:.2f})",
@@ -259,12 +272,12 @@ def render(payload: dict[str, Any]) -> str:
             f"{t(m['reload_disk']['median_s'])} (x{q['reload_disk_vs_switch']:.1f})",
             f"{t(m['deepcopy']['median_s'])} (x{q['deepcopy_vs_switch']:.1f})",
         ])
-    parts.append(common.md_table(["backbone", "dtype", "affected weights", "copy (floor)", "switch A->B (cold)",
+    parts.append(markdown.md_table(["backbone", "dtype", "affected weights", "copy (floor)", "switch A->B (cold)",
                                   "switch A->B (hot)", "A->base", "base->A", "prepare (once per task)",
                                   "reload state dict", "reload from disk", "deepcopy"], table))
     if res["kernels"]:
         parts += ["", "Kernels on tensors of the targets' weight shapes (x copy):", ""]
-        parts.append(common.md_table(
+        parts.append(markdown.md_table(
             ["backbone", "dtype", *KERNELS],
             [[k["arch"], k["dtype"], *(f"{t(k[n]['median_s'])} (x{k['vs_copy'][n]:.2f})" for n in KERNELS)]
              for k in res["kernels"]]))
@@ -287,17 +300,17 @@ def _cold_explained(kernels: list[dict[str, Any]]) -> list[str]:
 def plot(payload: dict[str, Any], path: Path) -> None:
     """Per backbone: bars of median times (log scale), the copy floor as a line."""
     rows = payload["results"]["rows"]
-    fig, axes = common.subplots(len(rows), 1, width=4.6)
+    fig, axes = plots.subplots(len(rows), 1, width=4.6)
     for ax, r in zip(axes[0], rows, strict=True):
         names = [c for c in CASES if c != "copy"]
         ax.bar(names, [r["times"][c]["median_s"] * 1e3 for c in names], color="tab:blue")
         ax.axhline(r["times"]["copy"]["median_s"] * 1e3, color="tab:red", lw=1, label="copy (floor)")
         ax.axhline(GOAL * r["times"]["copy"]["median_s"] * 1e3, color="tab:red", lw=1, ls="--", label="1.5 x copy")
         ax.set(title=f"{r['arch']} {r['dtype']}", ylabel="ms")
-        common.log_axes(ax)
+        plots.log_axes(ax)
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         ax.legend(fontsize=6)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from repadapter import AdapterConfig, BackboneRef, LocalStore, Manifest, TaskBundle, WeightSwitcher, attach_slots
 from repadapter.bundle import MANIFEST_FILE, TENSORS_FILE
 
-from . import common
+from . import backbones
 
 HEAD_CLASSES = 10
 CONV_IMAGE_SIZE = 96
@@ -45,7 +45,7 @@ def build_store(root: Path, arch: str, *, tasks: int, distinct: int, image_size:
                 seed: int) -> dict[str, Any]:
     """``tasks`` tasks for ``arch`` in a :class:`LocalStore` at ``root`` (``distinct`` real bundles, the rest
     copies under new names, see the module docstring); returns facts for the result."""
-    bb = common.load(arch, torch.device("cpu"), torch.float32, seed)
+    bb = backbones.load(arch, torch.device("cpu"), torch.float32, seed)
     sites = attach_slots(bb.model)
     preprocess = bb.preprocess if image_size is None else bb.preprocess.with_size(image_size)
     store = LocalStore(root)
@@ -56,7 +56,7 @@ def build_store(root: Path, arch: str, *, tasks: int, distinct: int, image_size:
         name = task_name(i)
         manifest = Manifest(name=name, labels=_labels(name), adapter=AdapterConfig(hidden=8, groups=2, scale=1.0),
                             preprocess=preprocess, backbone=BackboneRef(arch=bb.arch, fingerprint=bb.fingerprint))
-        store.put(TaskBundle(manifest, common.random_adapters(sites, seed + 1 + i),
+        store.put(TaskBundle(manifest, backbones.random_adapters(sites, seed + 1 + i),
                              torch.randn(HEAD_CLASSES, f, generator=g) * (3.0 / f**0.5),
                              torch.randn(HEAD_CLASSES, generator=g) * 0.1))
     for i in range(distinct, tasks):
@@ -81,7 +81,7 @@ def export_models(store_root: Path, out: Path, arch: str, *, seed: int) -> dict[
     """Every task's full fine-tuned model as ``out/<task>.safetensors``: the backbone's state dict with the
     task folded in (by :class:`WeightSwitcher`, exactly what RepServe's merged path computes) and its head
     as ``head.weight``/``head.bias``. Tasks with the same tensors share one file (hard links)."""
-    bb = common.load(arch, torch.device("cpu"), torch.float32, seed)
+    bb = backbones.load(arch, torch.device("cpu"), torch.float32, seed)
     scratch = copy.deepcopy(bb.model)
     switcher = WeightSwitcher(attach_slots(scratch, "block"))
     store = LocalStore(store_root)
@@ -102,4 +102,4 @@ def export_models(store_root: Path, out: Path, arch: str, *, seed: int) -> dict[
         files[sha] = path
     first = next(iter(files.values()))
     return {"model_file_bytes": first.stat().st_size, "distinct_models": len(files),
-            "model_bytes": common.model_nbytes(bb.model)}
+            "model_bytes": backbones.model_nbytes(bb.model)}

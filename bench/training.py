@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import common
+from . import ROOT, cli, markdown, plots
 
 TITLE = "Training: RepAdapter vs linear probe vs full fine-tuning (mini VTAB-1k)"
 NAME = "training"
@@ -39,8 +39,8 @@ def train_once(dataset: str, method: str, size: dict[str, Any], store: Path, thr
             "--epochs", str(size["epochs"]), "--n-train", str(size["n_train"]), "--n-val", str(size["n_val"]),
             "--n-test", str(size["n_test"]), "--image-size", str(size["image_size"]), "--seed", str(seed),
             "--overwrite"]
-    env = {**common.child_env(), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(argv, cwd=common.ROOT, env=env, check=True, capture_output=True, text=True)
+    env = {**cli.child_env(), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     metrics = json.loads(done.stdout)["metrics"]
     per_epoch = (metrics["train_seconds"] + metrics.get("feature_seconds", 0.0)) / metrics["epochs"]
     return {"dataset": dataset, "method": method, "test_accuracy": metrics["test_accuracy"],
@@ -52,11 +52,11 @@ def train_once(dataset: str, method: str, size: dict[str, Any], store: Path, thr
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--datasets", type=common.csv(), help="fashion-mnist, mnist, digits or ImageFolder dirs")
+    p = cli.parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--datasets", type=cli.csv(), help="fashion-mnist, mnist, digits or ImageFolder dirs")
     p.add_argument("--epochs", type=int, help="epochs per run (default 10; quick: 1)")
     args = p.parse_args(argv)
-    run = common.Run(NAME, args, argv)
+    run = cli.Run(NAME, args, argv)
     size = dict(QUICK if args.quick else FULL)
     size["datasets"] = args.datasets or size["datasets"]
     size["epochs"] = args.epochs or size["epochs"]
@@ -98,10 +98,10 @@ def render(payload: dict[str, Any]) -> str:
     return "\n".join([
         f"{cfg['n_train']} train / {cfg['n_val']} val / {cfg['n_test']} test images per dataset, "
         f"{cfg['image_size']} px, {cfg['epochs']} epochs, embedded MobileNetV2.", "",
-        common.md_table(["dataset", "method", "test acc %", "val acc %", "trainable params", "time / epoch",
+        markdown.md_table(["dataset", "method", "test acc %", "val acc %", "trainable params", "time / epoch",
                          "peak memory", "served = trained (argmax)"], rows),
         "", "Mean over datasets, and medians of per-dataset ratios to full fine-tuning:", "",
-        common.md_table(["method", "mean test acc %", "time / epoch vs full", "peak memory vs full"], summary),
+        markdown.md_table(["method", "mean test acc %", "time / epoch vs full", "peak memory vs full"], summary),
         "", PAPER, "", _timing_noise(res["rows"]),
     ])
 
@@ -133,7 +133,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     """Test accuracy per dataset and method (bars), the paper's comparison at a glance."""
     rows = payload["results"]["rows"]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = common.subplots(2, 1, width=4.6)
+    fig, axes = plots.subplots(2, 1, width=4.6)
     width = 0.8 / len(METHODS)
     for k, method in enumerate(METHODS):
         xs = [i + k * width for i in range(len(datasets))]
@@ -144,7 +144,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_xticks([i + width for i in range(len(datasets))], datasets)
         ax.set(ylabel=label)
         ax.legend(fontsize=7)
-    common.save_figure(fig, path)
+    plots.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
-
-from bench.servers import free_port
+from bench.servers import free_port, wait_until_serving
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -25,15 +22,8 @@ def s3_server(timeout_s: float = 60.0) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                httpx.get(endpoint + "/moto-api/", timeout=2.0)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}") from None
-                time.sleep(0.2)
+        wait_until_serving(endpoint + "/moto-api/", proc, timeout_s, name="moto server", ready=lambda _: True,
+                           interval_s=0.2)
         yield endpoint
     finally:
         proc.terminate()
