@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import Client, ClientError, add_client_options, print_json, table, token_from_env
+
+if TYPE_CHECKING:
+    from repadapter.bundle import TaskBundle
 
 EXAMPLES = """examples:
   repserve tasks list
@@ -79,7 +82,7 @@ def show_task(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_bundle(path: Path) -> Any:
+def read_bundle(path: Path) -> TaskBundle:
     """The :class:`~repadapter.TaskBundle` in a folder (``manifest.json`` + ``adapter.safetensors``) or an
     archive of them, checked (checksum, shapes) before anything is sent."""
     from repadapter.bundle import MANIFEST_FILE, TENSORS_FILE, TaskBundle

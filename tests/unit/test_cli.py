@@ -84,6 +84,14 @@ def test_train_exits_3_when_trained_but_not_published(tmp_path, capsys, caplog, 
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]
 
 
+def test_server_flags_without_a_command_start_the_server_as_before(capsys):
+    """`repserve --port 8000` was the server's console script: flags first still go to `serve`."""
+    from service.settings import settings_table
+
+    assert run(capsys, "--print-config-table")[:2] == (0, settings_table())
+    assert run(capsys, "--check-config", "--max-batch", "8")[:2] == (0, "configuration valid\n")
+
+
 def test_bench_help_runs_python_m_bench(capsys):
     assert main(["bench", "--help"]) == 0  # the child's own help, on the inherited stdout
 
