@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # RepServe image. Stages:
 #   torch        venv with torch/torchvision of the chosen flavour + the embedded MobileNetV2 weights
+#   sources      the project's sources (pyproject.toml, repadapter/, service/, training/), nothing else
 #   serve-deps   + requirements/serve.txt (extras serve, s3) + the project (non-editable)
 #   train-deps   + requirements/train.txt (extras train, s3) + the project (non-editable)
 #   train        `python -m training` + Fashion-MNIST, for deploy/k8s (--target train)
@@ -49,21 +50,22 @@ RUN set -eu; \
         python -c "import importlib.metadata as m, sys; cuda = sorted(n for n in (d.metadata['Name'] for d in m.distributions()) if n.lower().startswith(('nvidia-', 'triton', 'cuda-'))); sys.exit(f'CUDA packages in a CPU image: {cuda}' if cuda else 0)"; \
     fi
 
-# The project's sources, for both deps stages (the layers above do not depend on them).
+# The project's sources, once, for both deps stages (copied after their requirements, so the layers
+# above them do not depend on the sources).
+FROM scratch AS sources
+COPY pyproject.toml README.md /src/
+COPY repadapter /src/repadapter
+COPY service /src/service
+COPY training /src/training
+
 FROM torch AS serve-deps
 RUN pip install -r requirements/serve.txt
-COPY pyproject.toml README.md ./
-COPY repadapter ./repadapter
-COPY service ./service
-COPY training ./training
+COPY --from=sources /src ./
 RUN pip install --no-deps . && python -c "import repadapter, service.lifecycle"
 
 FROM torch AS train-deps
 RUN pip install -r requirements/train.txt
-COPY pyproject.toml README.md ./
-COPY repadapter ./repadapter
-COPY service ./service
-COPY training ./training
+COPY --from=sources /src ./
 RUN pip install --no-deps . && python -c "import repadapter, training.cli"
 
 FROM base AS train
