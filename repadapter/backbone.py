@@ -133,9 +133,14 @@ def load_backbone(arch: str = EMBEDDED, checkpoint: str | Path | None = None, *,
                   dtype: torch.dtype = torch.float32, seed: int = 0, **model_kwargs: Any) -> Backbone:
     """Create ``arch`` from timm with local weights and freeze it (eval mode, no grads).
 
-    ``arch="embedded"`` is the default pretrained MobileNetV2. Without a checkpoint the model is randomly
+    ``arch="embedded"`` is the default pretrained MobileNetV2, with its own weights: a ``checkpoint`` beside
+    it is refused (CheckpointError), never silently ignored. Without a checkpoint any other model is randomly
     initialised from ``seed`` (tests of the math; a warning is logged), never downloaded.
     """
+    if arch == EMBEDDED and checkpoint is not None:
+        raise CheckpointError(f"the embedded backbone brings its own weights, so checkpoint {checkpoint} would not "
+                              f"be used; for your own weights name their architecture (e.g. {EMBEDDED_ARCH!r}) "
+                              "with the checkpoint, or drop the checkpoint")
     if arch == EMBEDDED:
         arch, checkpoint, model_kwargs = EMBEDDED_ARCH, embedded_checkpoint(), model_kwargs
         is_embedded = True

@@ -82,6 +82,14 @@ def test_checkpoint_for_another_arch_is_refused(tmp_path):
         load_backbone("vit_tiny_patch16_224", tmp_path / "missing.pth")
 
 
+def test_a_checkpoint_with_the_embedded_backbone_is_refused(tmp_path):
+    """The embedded backbone has its own weights: a user checkpoint beside it is an error, not ignored."""
+    path = tmp_path / "mine.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    with pytest.raises(CheckpointError, match="embedded backbone brings its own weights"):
+        load_backbone("embedded", path)
+
+
 def test_map_by_order_refuses_shape_or_count_differences():
     a = {"x": torch.zeros(2), "y": torch.zeros(3)}
     with pytest.raises(CheckpointError, match="does not fit"):
