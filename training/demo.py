@@ -18,7 +18,7 @@ from typing import Any
 from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest, TaskBundle, load_backbone
 
 from .config import TrainConfig
-from .export import ensure_absent, publish
+from .export import check_registration, ensure_absent, publish
 from .pipeline import EpochHook, run
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ def build_demo(configs: list[TrainConfig], *, progress: bool = False,
     """Rebuild the demo tasks (``imagenet`` + ``configs``, see :func:`demo_configs`) into the store or
     ``--register`` them; returns one report per task."""
     base = configs[0]
-    if not base.register_url:  # refuse before any training, not after
-        for name in (IMAGENET_TASK, *(c.task for c in configs)):
+    for name in (IMAGENET_TASK, *(c.task for c in configs)):  # refuse before any training, not after
+        if base.register_url:
+            check_registration(base.register_url, base.token, name, overwrite=base.overwrite)
+        else:
             ensure_absent(base.store, name, overwrite=base.overwrite)
     backbone = load_backbone(base.backbone, base.checkpoint)
     where = publish(imagenet_bundle(backbone), store=base.store, register_url=base.register_url, token=base.token,
