@@ -11,9 +11,10 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_URL = "http://localhost:8000"
 URL_ENV = "REPSERVE_URL"
@@ -59,12 +60,17 @@ class Client:
     def __init__(self, url: str, token: str | None, timeout_s: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self.token = token
-        self.timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
+        self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:  # imported on use: `repserve serve` runs where only the serve extra (no httpx) is installed
+            import httpx
+        except ImportError as e:
+            raise ClientError("the client commands need httpx: pip install 'repserve[train]' (or httpx)") from e
+        timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, CONNECT_TIMEOUT_S))
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            response = httpx.request(method, self.url + path, headers=headers, timeout=self.timeout, **kwargs)
+            response = httpx.request(method, self.url + path, headers=headers, timeout=timeout, **kwargs)
         except httpx.ConnectError as e:
             raise ClientError(f"cannot connect to {self.url} ({e}); is the server running? (--url, ${URL_ENV})") from e
         except httpx.HTTPError as e:
