@@ -18,7 +18,7 @@ from pathlib import Path
 from . import __version__, classify, importer, tasks
 from .client import DEFAULT_URL, TOKEN_ENV, URL_ENV, ClientError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_PUBLISHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 DESCRIPTION = ("RepServe: many vision tasks served from one frozen backbone. One command for the server, training, "
                "the HTTP API and official RepAdapter checkpoints; `repserve COMMAND --help` for each.")
@@ -114,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except importer.UsageError as e:
-        parser.exit(EXIT_USAGE, f"repserve {command}: error: {e}\n")
+        sys.stderr.write(f"repserve {command}: error: {e}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return EXIT_INTERRUPTED
+    except ImportError as e:  # register and import-official run training's publishing code
+        return _fail(command, f"{e}: pip install 'repserve[train]'")
     except (ClientError, OSError, ValueError) as e:
         return _fail(command, e)
     except Exception as e:
@@ -127,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if errors is None or not isinstance(e, errors.RepServeError):
             raise
         return _fail(command, e)
-    return EXIT_OK
 
 
-def _fail(command: str, e: BaseException) -> int:
+def _fail(command: str, e: BaseException | str) -> int:
     message = str(e).strip().replace("\n", " ") or type(e).__name__
     sys.stderr.write(f"repserve {command}: {message}\n")
     return EXIT_FAILURE
