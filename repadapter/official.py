@@ -21,6 +21,7 @@ from .backbone import Backbone
 from .bundle import AdapterConfig, BackboneRef, Manifest, TaskBundle, import_official
 from .errors import BundleError, CheckpointError
 from .inject import PLACEMENTS, attach_slots
+from .preprocess import PreprocessConfig
 
 OFFICIAL_ARCHS: dict[tuple[int, int], str] = {
     (192, 12): "vit_tiny_patch16_224",
@@ -30,6 +31,9 @@ OFFICIAL_ARCHS: dict[tuple[int, int], str] = {
 }
 """``(embed dim, blocks) -> timm architecture`` of the ViTs the official code fine-tunes (the paper: ViT-B/16);
 a checkpoint of another shape needs its architecture named."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _SITE = re.compile(r"^blocks\.(\d+)\.adapter_(attn|mlp)\.conv_A\.weight$")
 
@@ -75,6 +79,14 @@ def inspect_official(state_dict: dict[str, Tensor]) -> OfficialShape:
     )
 
 
+def official_preprocess(size: int) -> PreprocessConfig:
+    """The official code's transform (its ``dataset.py``: ``Resize((size, size), bicubic)``, ``ToTensor``,
+    ``Normalize`` with ImageNet's mean and std): the whole image squashed to a square, no crop. Not the timm
+    default of its ViT (mean and std 0.5, crop 0.9): a task is served with what it was trained on."""
+    return PreprocessConfig(input_size=(3, size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
+                            crop_pct=1.0, crop_mode="squash")
+
+
 def read_labels(text: str) -> list[str]:
     """Class names from a labels file: one per line, blank lines and surrounding spaces ignored."""
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -86,9 +98,10 @@ def official_bundle(state_dict: dict[str, Tensor], backbone: Backbone, *, task: 
     """A task bundle of an official checkpoint for ``backbone`` (the one the task will be served on).
 
     ``placement`` defaults to what the keys tell and, when given, must agree with them; ``labels`` default to
-    ``class_0 ..`` and must number the head's rows. The manifest takes the backbone's arch, fingerprint and
-    preprocessing. Slots are attached to ``backbone.model`` (a backbone without slots; it is left with empty
-    ones). The bundle passes every check the service runs at registration except the probe forward. Raises
+    ``class_0 ..`` and must number the head's rows. The manifest takes the backbone's arch and fingerprint, and
+    the official code's preprocessing (:func:`official_preprocess`) at the backbone's input size. Slots are
+    attached to ``backbone.model`` (a backbone without slots; it is left with empty ones). The bundle passes
+    every check the service runs at registration except the probe forward. Raises
     :class:`CheckpointError` (what the checkpoint lacks) or :class:`BundleError` (what does not fit).
     """
     shape = inspect_official(state_dict)
@@ -110,7 +123,7 @@ def official_bundle(state_dict: dict[str, Tensor], backbone: Backbone, *, task: 
             name=task, labels=labels, method="repadapter",
             adapter=AdapterConfig(hidden=shape.hidden, groups=shape.groups, scale=scale, placement=placement),
             backbone=BackboneRef(arch=backbone.arch, fingerprint=backbone.fingerprint),
-            preprocess=backbone.preprocess, description=description,
+            preprocess=official_preprocess(backbone.preprocess.input_size[-1]), description=description,
         )
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())

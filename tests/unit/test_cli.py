@@ -3,6 +3,7 @@ loopback (one for the module), and ``import-official`` on a checkpoint laid out 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import zipfile
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from torchvision import transforms
 
 from bench.servers import ServerProcess, free_port
 from repadapter import AdapterConfig, BackboneRef, LocalStore, Manifest, TaskBundle, attach_slots, load_backbone
 from repadapter.official import OFFICIAL_ARCHS, inspect_official, read_labels
-from repadapter.preprocess import preprocess_batch
 from repserve.cli import main
 from repserve.client import token_from_env
 from tests.conftest import random_adapters
@@ -267,9 +269,13 @@ def test_inspect_reads_what_the_keys_tell():
 
 
 @torch.no_grad()
-def official_forward(state_dict: dict, scale: float, groups: int, images: list[bytes], preprocess) -> torch.Tensor:
-    """Softmax of the official model: its adapters are Conv1d modules run on the inputs of ``attn`` and ``mlp``
+def official_forward(state_dict: dict, scale: float, groups: int, images: list[Image.Image]) -> torch.Tensor:
+    """Softmax of the official model on ``images``: its transform (``Resize((size, size), bicubic)``, ``ToTensor``,
+    ``Normalize`` with ImageNet's mean/std), its adapters as Conv1d modules on the inputs of ``attn`` and ``mlp``
     (``attn(adapter_attn(norm1(x)))``), the branch ``conv_B(conv_A(x)) * scale + x`` on ``[B, C, N]``."""
+    size = TINY_OPTIONS["img_size"]
+    transform = transforms.Compose([transforms.Resize((size, size), interpolation=3), transforms.ToTensor(),
+                                    transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
     model = load_backbone(TINY_ARCH, **TINY_OPTIONS).model
     for i, block in enumerate(model.blocks):
         for kind, module in (("attn", block.attn), ("mlp", block.mlp)):
@@ -284,7 +290,7 @@ def official_forward(state_dict: dict, scale: float, groups: int, images: list[b
                 return ((conv_b(conv_a(x)) * scale + x).transpose(1, 2),)
 
             module.register_forward_pre_hook(adapter)
-    feats = model(preprocess_batch(images, preprocess))
+    feats = model(torch.stack([transform(image) for image in images]))
     return torch.nn.functional.linear(feats, state_dict["head.weight"], state_dict["head.bias"]).softmax(-1)
 
 
@@ -314,7 +320,7 @@ def test_import_official_serves_what_the_official_model_computes(official, tmp_p
     assert bundle.manifest.labels == ["cat", "dog", "bird"]
     assert result["checkpoint_sha256"] in bundle.manifest.description
     images = [encode(p, "PNG", (80, 64)) for p in photos]
-    expected = official_forward(official, 0.5, 2, images, bundle.manifest.preprocess)
+    expected = official_forward(official, 0.5, 2, [Image.open(io.BytesIO(b)).convert("RGB") for b in images])
     scores, index = expected.topk(3)
     want = [[(bundle.manifest.labels[i], s) for i, s in zip(ri, rs, strict=True)]
             for ri, rs in zip(index.tolist(), scores.tolist(), strict=True)]
