@@ -7,11 +7,14 @@ training-time (unmerged) model predicted.
 
 from __future__ import annotations
 
+import argparse
 import email.parser
 import email.policy
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +34,10 @@ from repadapter import LocalStore, TaskBundle, WeightSwitcher, attach_slots, loa
 from repadapter.errors import CheckpointError
 from repadapter.preprocess import preprocess_batch
 from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from training.cli import main
+from training.cli import config_flags, main
 from training.config import TrainConfig
 from training.data import FASHION_MNIST_DIR, load_dataset
+from training.export import RegisterError, check_registration
 from training.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +52,13 @@ MICRO: dict[str, Any] = {"data": "mnist", "n_train": 64, "n_val": 32, "n_test": 
 
 def config(tmp: Path, task: str, base: dict[str, Any] = TINY, **kw: Any) -> TrainConfig:
     return TrainConfig(**{**base, "task": task, "store": tmp / "store", "out_dir": tmp / "runs" / task, **kw})
+
+
+def parsed(argv: list[str]) -> TrainConfig:
+    """The configuration ``python -m training`` builds from ``argv``."""
+    parser = argparse.ArgumentParser()
+    source = config_flags(parser)
+    return TrainConfig(**source(parsed_args=parser.parse_args(argv))())
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:
@@ -117,12 +128,29 @@ def test_repadapter_learns_and_its_bundle_serves_exactly(adapter_run, tmp):
     assert m["peak_memory_kind"] == "cpu_peak_rss"
     assert m["seconds_per_epoch"] > 0
     assert Path(adapter_run["plot"]).read_bytes()[:4] == b"\x89PNG"
-    assert json.loads(Path(adapter_run["report"]).read_text())["metrics"] == m
+    assert Path(adapter_run["confusion_plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert Path(adapter_run["confusion_plot"]).parent == Path(adapter_run["plot"]).parent
+    stored = json.loads(Path(adapter_run["report"]).read_text())
+    assert stored["metrics"] == m
+    assert stored["evaluation"] == adapter_run["evaluation"]
+    for split, n in (("val", 50), ("test", 100)):
+        figures = adapter_run["evaluation"][split]
+        cm = torch.tensor(figures["confusion_matrix"])  # [true 10, predicted 10]
+        assert cm.shape == (10, 10)
+        assert cm.sum().item() == n
+        assert [row["support"] for row in figures["per_class"]] == cm.sum(1).tolist()
+        recall = cm.diag() / cm.sum(1)
+        assert figures["macro_accuracy"] == pytest.approx(recall.mean().item())
+        assert m[f"{split}_macro_accuracy"] == figures["macro_accuracy"]
+        assert m[f"{split}_accuracy"] == pytest.approx(cm.diag().sum().item() / n)
+        assert [row["label"] for row in figures["per_class"]] == [str(d) for d in range(10)]
 
     bundle = LocalStore(tmp / "store").get("digits")
     assert adapter_run["bundle"] == {"store": str(tmp / "store"), "name": "digits", "version": 1}
     manifest = bundle.manifest
     assert (manifest.method, manifest.labels, manifest.metrics) == ("repadapter", [str(d) for d in range(10)], m)
+    assert manifest.metrics["val_macro_accuracy"] > 0.5  # what GET /tasks/{name} shows a client
+    assert manifest.metrics["test_macro_accuracy"] > 0.5
     assert manifest.preprocess == load_backbone().preprocess.with_size(64)
     assert (manifest.adapter.hidden, manifest.adapter.groups, manifest.adapter.scale) == (8, 2, 1.0)
     assert len(bundle.adapters) == 33
@@ -223,6 +251,23 @@ def test_scale_search_keeps_the_best_scale(tmp_path):
     assert {w.scale for w in bundle.adapters.values()} == {best["scale"]}
 
 
+@pytest.mark.parametrize("balance", ["loss", "sampler"])
+def test_balanced_training_on_an_imbalanced_mix_serves_exactly(tmp_path, balance, caplog):
+    cfg = config(tmp_path, f"mix-{balance}", MICRO, epochs=2, n_test=40, class_mix=(57, 11, 4, 27), balance=balance)
+    with caplog.at_level("INFO", logger="training.trainer"):
+        report = run(cfg)
+    m = report["metrics"]
+    assert m["balance"] == balance
+    assert m["merged_argmax_agreement"] == 1.0  # the served bundle is the trained model, balance or not
+    assert m["merged_max_abs_logit_diff"] < 1e-3
+    assert [row["support"] for row in report["evaluation"]["val"]["per_class"]] == [18, 4, 1, 9]  # 32 at the mix
+    weights = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"balance={balance}"))
+    assert "class_counts=[37, 7, 2, 18] class_weights=[0.432, 2.286, 8.0, 0.889]" in weights  # 64 / (4 x count)
+    bundle = LocalStore(tmp_path / "store").get(f"mix-{balance}")
+    assert bundle.manifest.labels == ["0", "1", "2", "3"]
+    assert bundle.manifest.metrics["balance"] == balance
+
+
 # --- torchrun -----------------------------------------------------------------------------------------
 
 
@@ -254,24 +299,50 @@ def test_torchrun_two_processes_match_one(adapter_run, tmp_path):
 
 
 class _Service(BaseHTTPRequestHandler):
-    """A stand-in for ``POST /tasks``: records the request, parses the multipart body, answers 201."""
+    """A stand-in for the service's task API: ``GET /healthz``, ``GET /tasks/{name}`` (known once registered)
+    and ``POST /tasks`` (no body: 422, as the service answers an accepted token; a bundle: parsed, recorded,
+    answered ``status``). ``queued`` statuses are answered first to any request, with ``Retry-After: 1``."""
 
     received: ClassVar[list[dict[str, Any]]] = []
+    requests: ClassVar[list[str]] = []
     status: ClassVar[int] = 201
+    queued: ClassVar[list[int]] = []
+
+    def _reply(self, status: int, body: dict[str, Any]) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if status in (429, 503):
+            self.send_header("Retry-After", "1")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def do_GET(self) -> None:
+        self.requests.append(f"GET {self.path}")
+        name = self.path.removeprefix("/tasks/")
+        if self.queued:
+            self._reply(self.queued.pop(0), {"error": "not_ready", "detail": "later"})
+        elif self.path == "/healthz":
+            self._reply(200, {"status": "ok"})
+        elif any(r["name"] == name and r["status"] == 201 for r in self.received):
+            self._reply(200, {"name": name, "version": 7})
+        else:
+            self._reply(404, {"error": "task_not_found", "detail": f"no task {name!r}"})
 
     def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.requests.append(f"POST {self.path}")
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.queued:
+            return self._reply(self.queued.pop(0), {"error": "queue_full", "detail": "later"})
+        if not body:
+            return self._reply(422, {"error": "malformed_request", "detail": "got none"})
         header = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
         message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
         parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
                  for p in message.iter_parts()}
-        self.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "parts": parts})
         manifest = json.loads(parts["manifest"]) | {"version": 7}
-        reply = json.dumps(manifest if self.status == 201 else {"error": "task_exists", "detail": "exists"})
-        self.send_response(self.status)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(reply.encode())
+        self.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "parts": parts,
+                              "name": manifest["name"], "status": self.status})
+        return self._reply(self.status, manifest if self.status == 201 else {"error": "failed", "detail": "no"})
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -279,7 +350,7 @@ class _Service(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def service() -> Iterator[tuple[str, type[_Service]]]:
-    _Service.received, _Service.status = [], 201
+    _Service.received, _Service.requests, _Service.status, _Service.queued = [], [], 201, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Service)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -321,12 +392,52 @@ def test_cli_trains_on_a_folder_and_registers_with_a_service(folder, service, tm
     assert bundle.manifest.metrics["merged_argmax_agreement"] == 1.0
     assert not (tmp_path / "s" / "zot").exists()  # registered, not stored
 
-    recorder.status = 409
-    assert main([*argv, "--resume"]) == 1  # finished checkpoint: no retraining, refused publication
+    assert main([*argv, "--resume"]) == 1  # registered now: refused before training, without --overwrite
+    assert len(recorder.received) == 1
 
 
-def test_register_with_a_real_service(start_server, tmp_path, capsys):
-    """--register against the real service process: 201, 409 without --overwrite, 401/403 with a wrong token."""
+def test_registration_waits_for_retry_after(service):
+    url, recorder = service
+    recorder.queued = [503, 429]
+    start = time.monotonic()
+    check_registration(url, "s3cret", "free", overwrite=False)
+    assert time.monotonic() - start >= 1.9  # two answers of Retry-After: 1
+    assert recorder.requests == ["GET /healthz"] * 3 + ["POST /tasks", "GET /tasks/free"]
+    recorder.queued = [503] * 5
+    with pytest.raises(RegisterError, match="GET /healthz answered 503"):  # bounded: 5 tries, then the answer
+        check_registration(url, "s3cret", "free", overwrite=False)
+    assert recorder.requests.count("GET /healthz") == 3 + 5
+
+
+def test_publish_failure_exits_3_and_its_resume_command_publishes(folder, service, tmp_path, caplog, capsys):
+    """Training succeeds, the service refuses the bundle: exit 3, the checkpoint kept, and the command printed
+    publishes it without training again."""
+    url, recorder = service
+    recorder.status = 500
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(folder), "--task", "late", "--method", "linear", "--image-size", "32", "--epochs", "2",
+            "--batch-size", "8", "--n-test", "0", "--out-dir", str(run_dir), "--register", url, "--token", "s3cret"]
+    assert main([*argv, "--no-progress"]) == 3
+    (message,) = [r.getMessage() for r in caplog.records if "training succeeded" in r.getMessage()]
+    assert "answered 500" in message
+    assert str(run_dir / CHECKPOINT_FILE) in message
+    assert "s3cret" not in message
+    command = shlex.split(message.splitlines()[-1])
+    assert command[:3] == ["python", "-m", "training"]
+    assert parsed(command[3:]) == parsed([*argv[:-2], "--resume"])  # this run's flags (token aside) + --resume
+    checkpoint = (run_dir / CHECKPOINT_FILE).read_bytes()
+    recorder.status = 201
+    capsys.readouterr()
+    assert main([*command[3:], "--token", "s3cret", "--no-progress"]) == 0
+    assert (run_dir / CHECKPOINT_FILE).read_bytes() == checkpoint  # no epoch trained again
+    assert json.loads(capsys.readouterr().out)["bundle"] == {"registered": url, "name": "late", "version": 7}
+    assert [r["status"] for r in recorder.received] == [500, 201]
+
+
+def test_register_with_a_real_service(start_server, tmp_path, capsys, caplog, monkeypatch):
+    """--register against the real service process: 201; then, before any training, an existing name without
+    --overwrite, no token, a wrong token and an unreachable server are refused, each naming its flag."""
+    monkeypatch.delenv("REPSERVE_ADMIN_TOKEN", raising=False)
     server = start_server(tmp_path / "served", "--admin-token", REGISTER_TOKEN, "--store-poll-s", "0",
                           "--torch-threads", "1", "--log-level", "warning")
     argv = ["--data", "digits", "--task", "reg", "--method", "linear", "--image-size", "48", "--n-train", "100",
@@ -339,6 +450,25 @@ def test_register_with_a_real_service(start_server, tmp_path, capsys):
     info = httpx.get(f"{server.url}/tasks/reg", headers=auth, timeout=30).json()
     assert (info["version"], info["method"], info["num_labels"]) == (1, "linear", 10)
     assert info["metrics"]["val_accuracy"] == summary["metrics"]["val_accuracy"]
+    refused = tmp_path / "refused"
+    untokened = [a for a in argv if a != REGISTER_TOKEN and a != "--token"]
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for args, flag in (
+        ([*argv, "--out-dir", str(refused)], "--overwrite"),  # the task exists
+        ([*untokened, "--out-dir", str(refused), "--overwrite"], "--token"),  # no token: 401
+        ([*untokened, "--out-dir", str(refused), "--overwrite", "--token", "wrong-" + REGISTER_TOKEN], "--token"),
+        ([*argv, "--out-dir", str(refused), "--overwrite", "--register", nowhere], "--register"),
+    ):
+        caplog.clear()
+        start = time.monotonic()
+        assert main(args) == 1
+        assert time.monotonic() - start < 20  # before the data, the backbone or any epoch
+        assert not refused.exists()  # no run directory, no checkpoint
+        (failure,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training failed")]
+        assert flag in failure, failure
+        assert "overwrite=true" not in failure
     resume = [*argv, "--resume"]  # the finished checkpoint: publish again without retraining
     assert main(resume) == 1  # 409: the task exists
     assert main([*resume, "--overwrite", "--token", "wrong"]) == 1  # refused token
