@@ -28,6 +28,7 @@ from .lifecycle import Runtime
 from .metrics import Metrics
 from .middleware import BodyDeadlineMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .routes import classify, health, tasks, v2
+from .routes import ui as try_it_page
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (classify.router, tasks.router, health.router):
         app.include_router(router)
     app.include_router(v2.router)  # the Open Inference Protocol (KServe v2, Triton's HTTP API)
+    app.include_router(try_it_page.router)  # GET / and /static/*: the try-it page, not in the schema
     _answer_other_methods(app)
     openapi.install(app, settings)
     return app

@@ -11,6 +11,8 @@ from repadapter.preprocess import PreprocessConfig
 
 from .registry import TaskRef
 
+FIRST_LABELS = 5  # labels every view of a task shows (the listing has no full list)
+
 
 class ErrorBody(BaseModel):
     """Every error response: a machine-readable code and a message that says what is wrong."""
@@ -56,6 +58,8 @@ class TaskInfo(BaseModel):
     method: str
     num_labels: int
     labels: list[str] | None = None
+    first_labels: list[str] = Field(description=f"The task's first {FIRST_LABELS} labels (all of them when fewer), "
+                                    "in every view: a glimpse of what it tells apart.")
     builtin: bool = Field(description="The backbone's own classifier (not in the store; cannot be deleted).")
     adapter: AdapterConfig
     resident: Literal["device", "host", "store"] = Field(
@@ -73,7 +77,8 @@ class TaskInfo(BaseModel):
         m = task.manifest
         return cls(
             name=m.name, version=m.version, method=m.method, num_labels=len(m.labels),
-            labels=list(m.labels) if labels else None, builtin=task.builtin, adapter=m.adapter,
+            labels=list(m.labels) if labels else None, first_labels=list(m.labels[:FIRST_LABELS]),
+            builtin=task.builtin, adapter=m.adapter,
             resident=resident, backbone=m.backbone, preprocess=m.preprocess, metrics=m.metrics,
             description=m.description, created_at=m.created_at, tensors_sha256=m.tensors_sha256,
         )
