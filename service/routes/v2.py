@@ -31,7 +31,8 @@ from .health import healthz, readyz
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 _TASK = Annotated[str, Path(description="The task's name (GET /tasks lists them).", examples=["imagenet"])]
-_VERSION = Annotated[str, Path(description="The task's version: only the current one is served.", examples=["1"])]
+_VERSION = Annotated[str, Path(description="The task's version: only the current one is served (0: a builtin).",
+                                examples=["1", "0"])]
 _ERROR = {"model": oip.ProtocolError}
 # "4XX": every client error has the protocol's body (request validation is never FastAPI's 422 here)
 _READ_ERRORS: dict[int | str, dict[str, Any]] = {code: _ERROR for code in (401, 403, 404, 503, "4XX")}
@@ -40,18 +41,16 @@ _TINY_PNG = base64.b64encode(bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415478da63f8cfc0f01f0005"
     "0002ff9e5f6a0d0000000049454e44ae426082")).decode()
 _INFER_BODY = {
-    "parameters": [{"name": oip.HEADER_LENGTH, "in": "header", "required": False, "schema": {
-        "type": "integer", "minimum": 0}, "description": "Triton's binary tensor data extension: the JSON header's "
-        "length; the inputs' `binary_data_size` bytes follow it."}],
-    "requestBody": {"required": True, "content": {
+    "requestBody": {"required": True, "description": "The protocol's inference request as JSON. With Triton's "
+                    f"binary tensor data extension the body is this JSON, `{oip.HEADER_LENGTH}` (a header) bytes "
+                    "long, then the inputs' `binary_data_size` bytes (what tritonclient sends by default).",
+                    "content": {
         "application/json": {
             "schema": oip.request_schema(),
             "example": {"inputs": [{"name": oip.IMAGE_BYTES, "shape": [1], "datatype": "BYTES",
                                     "data": [_TINY_PNG]}],
                         "parameters": {"top_k": 3}},
         },
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}, "description":
-                                     f"The JSON header, then the binary inputs (with `{oip.HEADER_LENGTH}`)."},
     }},
 }
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {

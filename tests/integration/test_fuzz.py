@@ -121,11 +121,17 @@ def fuzz_config(secured: bool) -> schemathesis.Config:
         "seed": SEED,
         "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
         "request-timeout": 30,
-        "dictionaries": {"tasks": {"values": TASK_NAMES}},
+        "dictionaries": {"tasks": {"values": TASK_NAMES}, "versions": {"values": ["0", "1"]}},
         "parameters": {"query.task": {"dictionary": "tasks", "probability": 0.5},
-                       "path.name": {"dictionary": "tasks", "probability": 0.5}},
+                       "path.name": {"dictionary": "tasks", "probability": 0.5},
+                       "path.version": {"dictionary": "versions", "probability": 0.5}},
         "operations": [{"include-name": "POST /tasks",
-                        "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "422"]}}}],
+                        "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "422"]}}},
+                       # v2 infer: JSON Schema cannot say that `data` holds as many values as `shape` says, nor that
+                       # BYTES are images, so a valid request may carry invalid input (400) or too many images (413)
+                       *({"include-name": f"POST /v2/models/{{name}}{version}/infer",
+                          "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "400", "413"]}}}
+                         for version in ("", "/versions/{version}"))],
     }
     if secured:
         data["auth"] = {"openapi": {ADMIN_SCHEME: {"bearer": ADMIN_TOKEN}, CLASSIFY_SCHEME: {"bearer": CLASSIFY_TOKEN}}}
