@@ -7,7 +7,7 @@ from .adapter import AdapterWeights, RepAdapter, dense_up
 from .backbone import Backbone, load_backbone
 from .bundle import AdapterConfig, BackboneRef, Manifest, PackedBundle, TaskBundle
 from .inject import AdapterSlot, Site, add_adapters, attach_slots, clear_adapters
-from .merge import MergedWeights, TaskDelta, WeightSwitcher, algebraic_unmerge
+from .merge import MergedWeights, TaskDelta, WeightSwitcher
 from .mixed import PackedFolds, RowFold, mixed_batch
 from .preprocess import PreprocessConfig, build_transform, decode_image
 from .store import LocalStore, S3Store, open_store
@@ -15,7 +15,7 @@ from .store import LocalStore, S3Store, open_store
 __all__ = [
     "AdapterConfig", "AdapterSlot", "AdapterWeights", "Backbone", "BackboneRef", "LocalStore", "Manifest",
     "MergedWeights", "PackedBundle", "PackedFolds", "PreprocessConfig", "RepAdapter", "RowFold", "S3Store", "Site",
-    "TaskBundle", "TaskDelta", "WeightSwitcher", "add_adapters", "algebraic_unmerge", "attach_slots",
+    "TaskBundle", "TaskDelta", "WeightSwitcher", "add_adapters", "attach_slots",
     "build_transform", "clear_adapters", "decode_image", "dense_up", "load_backbone", "mixed_batch",
     "open_store",
 ]

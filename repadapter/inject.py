@@ -225,7 +225,8 @@ def add_adapters(sites: list[Site], hidden: int = 8, groups: int = 2, scale: flo
 
 
 def clear_adapters(sites: list[Site]) -> None:
-    """Empty every slot (the model becomes the plain backbone again, given base weights)."""
+    """Empty every slot (the model becomes the plain backbone again, given base weights). Public API
+    (docs/CORE_API.md: the undo of :func:`add_adapters`, e.g. after training), although only tests call it here."""
     for site in sites:
         site.slot.adapter = None
         site.slot.mixed = None

@@ -274,22 +274,3 @@ class WeightSwitcher:
         return max((live - base).abs().max().item()
                    for live, base in zip(self.live_tensors(every), self._pristine_tensors(every), strict=True))
 
-
-def algebraic_unmerge(weight: Tensor, bias: Tensor, adapter: AdapterWeights) -> tuple[Tensor, Tensor]:
-    """Recover ``(W, c)`` from merged ``(W', c')`` without a pristine copy (low-memory fallback).
-
-    Woodbury: ``W = W' (I + s B A)^-1 = W' - s (W' B) (I_r + s A B)^-1 A``, an ``r x r`` inverse only;
-    ``c = c' - s W (B a + b)``. Computed in float64 and cast back; it is exact up to rounding, so repeated
-    merge/unmerge cycles drift, which is why serving restores from pristine copies. Measured on a ViT qkv
-    (random non-trivial adapter), max error relative to the weights' scale: fp32 1.1e-7 after one cycle,
-    4.7e-6 after 100, 1.7e-5 after 1,000; bf16 (rounding the merged weights each cycle) 5.7e-3 after one,
-    8.6e-2 after 100. Use it in fp32 only, and only where a pristine copy does not fit.
-    """
-    w1 = weight.detach().double()
-    a = adapter.weight_a.double()
-    b = adapter.dense_b().double()
-    s = adapter.scale
-    core = torch.eye(a.shape[0], dtype=torch.float64) + s * (a @ b)  # [r, r]
-    w = w1 - s * (w1 @ b) @ torch.linalg.solve(core, a)
-    c = bias.detach().double() - s * (w @ (b @ adapter.bias_a.double() + adapter.bias_b.double()))
-    return w.to(weight.dtype), c.to(bias.dtype)

@@ -260,10 +260,11 @@ def transform_for(cfg: PreprocessConfig, max_pixels: int | None = ImageLimits.ma
 def preprocess_batch(images: Sequence[ImageSource], cfg: PreprocessConfig, limits: ImageLimits | None = None, *,
                      names: Sequence[str | None] | None = None,
                      check: Callable[[], None] | None = None) -> torch.Tensor:
-    """Decode and preprocess ``images`` into ``[B, 3, H, W]`` float32: the service's path, and the tests'.
+    """Decode and preprocess ``images`` into ``[B, 3, H, W]`` float32: the service's path, the benchmark
+    baseline's and the tests' (public API, docs/CORE_API.md).
 
-    An image's error (:class:`ImageError`, :class:`PayloadTooLarge`) keeps its class, hence its HTTP status,
-    and names the image: ``image 3 (name): ...``, with ``names[3]`` when given. ``check`` runs before each
+    An image's error (:class:`ImageError`, :class:`PayloadTooLarge`) keeps its class (hence the service's
+    answer to it) and names the image: ``image 3 (name): ...``, with ``names[3]`` when given. ``check`` runs before each
     image and between its decoding steps (e.g. to stop at a request's deadline; its errors pass unchanged),
     so work past it is at most one step of one image.
     """
