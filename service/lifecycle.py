@@ -173,8 +173,10 @@ class Runtime:
         self.collect_garbage()
 
     def collect_garbage(self) -> None:
-        """Remove crashed writers' leftovers older than ``store_gc_grace_s`` (after start-up, off the request
-        path; every replica does it, which is harmless: gc never touches a readable version)."""
+        """The store's ``gc`` with ``store_gc_grace_s`` as its grace (after start-up, off the request path): a
+        directory store removes every crashed writer's temp entry (its writers hold its lock, so no grace is
+        needed), S3 the unreferenced tensors and deleted tasks' objects older than the grace. Every replica
+        does it, which is harmless: gc never touches a readable version."""
         if not self.settings.store_gc_grace_s:
             return
         try:

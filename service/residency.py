@@ -250,7 +250,7 @@ class Residency:
                     detail)
         return error
 
-    # ---- the live weights (the engine's worker only) --------------------------------------------------
+    # ---- the live weights (changed by the engine's worker only; ``live``/``live_name`` read anywhere) ---
 
     @property
     def live_name(self) -> str | None:
