@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2, Triton's HTTP API) wire format: request bodies in, response bodies out.
 
-No HTTP and no engine here (routes/v2.py does both): a request body becomes one :class:`InferRequest` (the
+No HTTP and no engine here (routes/v2.py does both): a request body becomes one :class:`ParsedRequest` (the
 images, already checked, and which outputs to send how), a task's answer becomes a response body.
 
 A task is a model with two alternative inputs (send exactly one) and two outputs:
@@ -153,6 +153,7 @@ def request_schema() -> dict[str, Any]:
 
 
 def model_metadata(task: TaskRef) -> ModelMetadata:
+    """A task as the protocol's model: its inputs at the task's input size, its outputs over its labels."""
     _, h, w = task.shape
     return ModelMetadata(
         name=task.name, versions=[str(task.version)], platform=PLATFORM,
@@ -167,7 +168,7 @@ def model_metadata(task: TaskRef) -> ModelMetadata:
 
 
 @dataclass(frozen=True)
-class InferRequest:
+class ParsedRequest:
     """A checked request: the images (a preprocessed batch or encoded files) and what to answer."""
 
     id: str | None
@@ -187,12 +188,12 @@ def header_length(value: str | None, body_size: int) -> int:
     """The JSON header's length (the whole body without the binary extension's header)."""
     if value is None:
         return body_size
-    if not value.isdigit() or int(value) > body_size:
+    if not (value.isascii() and value.isdigit()) or int(value) > body_size:
         raise InvalidInput(f"{HEADER_LENGTH} must be a byte count within the body's {body_size} bytes; got {value!r}")
     return int(value)
 
 
-def parse_request(body: bytes, json_size: int, shape: tuple[int, int, int]) -> InferRequest:
+def parse_request(body: bytes, json_size: int, shape: tuple[int, int, int]) -> ParsedRequest:
     """Check a request body (``json_size`` bytes of JSON header, then the binary section) for a task of input
     ``shape``. Blocking (a large JSON tensor takes milliseconds): call it off the event loop."""
     try:
@@ -202,7 +203,7 @@ def parse_request(body: bytes, json_size: int, shape: tuple[int, int, int]) -> I
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())) from None
     tensor = request.inputs[0]
     images = _images(tensor, _binary_section(tensor, body[json_size:]), shape)
-    return InferRequest(request.id, images, _outputs(request), request.parameters.top_k)
+    return ParsedRequest(request.id, images, _outputs(request), request.parameters.top_k)
 
 
 def _binary_section(tensor: RequestInput, binary: bytes) -> bytes | None:
@@ -331,12 +332,12 @@ def image_error(error: ImageError) -> InvalidInput:
 # ---- responses -------------------------------------------------------------------------------------------------
 
 
-def predictions_needed(request: InferRequest, task: TaskRef) -> int:
+def predictions_needed(request: ParsedRequest, task: TaskRef) -> int:
     """How many ``(label, score)`` per image the engine must answer: every class for ``probabilities``."""
     return len(task.labels) if PROBABILITIES in request.outputs else min(request.top_k, len(task.labels))
 
 
-def encode_response(task: TaskRef, request: InferRequest,
+def encode_response(task: TaskRef, request: ParsedRequest,
                     predictions: list[list[tuple[str, float]]]) -> tuple[bytes, int | None]:
     """The response body (outputs in the order asked for), and the JSON header's length when binary outputs follow
     it (else ``None``)."""

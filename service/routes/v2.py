@@ -23,6 +23,7 @@ from repadapter.errors import ImageError, TaskNotFound
 from .. import __version__, oip
 from ..deps import ReadyRuntime, require_reader
 from ..images import Deadline
+from ..lifecycle import Runtime
 from ..registry import TaskRef
 from ..uploads import read_body
 from .classify import classify_batch
@@ -86,12 +87,12 @@ def server_ready(request: Request) -> Response:
     return Response()
 
 
-def current_task(runtime: ReadyRuntime, name: _TASK) -> TaskRef:
-    """The task ``name`` as served now (404 when it is not)."""
+async def current_task(runtime: ReadyRuntime, name: _TASK) -> TaskRef:
+    """The task ``name`` as served now (404 when it is not). Async, as every dependency (see service.deps)."""
     return runtime.registry.get(name)
 
 
-def task_version(runtime: ReadyRuntime, name: _TASK, version: _VERSION) -> TaskRef:
+async def task_version(runtime: ReadyRuntime, name: _TASK, version: _VERSION) -> TaskRef:
     """The task ``name`` at ``version``, which must be the one served now (404 for any other)."""
     task = runtime.registry.get(name)
     if version != str(task.version):
@@ -125,7 +126,7 @@ _model_routes("/models/{name}", current_task)
 _model_routes("/models/{name}/versions/{version}", task_version)
 
 
-async def _infer(request: Request, runtime: ReadyRuntime, task: TaskRef) -> Response:
+async def _infer(request: Request, runtime: Runtime, task: TaskRef) -> Response:
     s = runtime.settings
     deadline = Deadline.after(s.request_timeout_s)
     limit = oip.max_body_bytes(task.shape, s.max_images_per_request, s.max_image_bytes)

@@ -80,7 +80,7 @@ def tensor_input(x: torch.Tensor, nested: bool = False) -> dict[str, Any]:
             "data": x.tolist() if nested else x.flatten().tolist()}
 
 
-def binary_request(header: dict[str, Any], blob: bytes) -> tuple[bytes, dict[str, str]]:
+def binary_request(header: dict[str, Any], blob: bytes) -> tuple[bytes, dict[str, str | bytes]]:
     """Triton's binary tensor data extension: the JSON header, then ``blob``."""
     head = json.dumps(header).encode()
     return head + blob, {"Inference-Header-Content-Length": str(len(head)), "content-type": "application/octet-stream"}
@@ -314,6 +314,8 @@ def test_an_undecodable_image_is_400_naming_it(client):
      b"ab", None, "input 'image_bytes': the binary data ends inside an element's length"),
     ({"inputs": [bytes_input(b"x")]}, b"", "10000000", "Inference-Header-Content-Length must be a byte count within"),
     ({"inputs": [bytes_input(b"x")]}, b"", "-1", "Inference-Header-Content-Length must be a byte count within"),
+    ({"inputs": [bytes_input(b"x")]}, b"", "²".encode("latin-1"),  # a digit to str.isdigit, not to int()
+     "Inference-Header-Content-Length must be a byte count within"),
 ])
 def test_bad_binary_data_is_400(client, header, blob, length, error):
     body, headers = binary_request(header, blob)
