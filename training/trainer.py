@@ -256,9 +256,9 @@ class Trainer:
             return 0
         tensors, meta = load_checkpoint(self.ckpt_path)
         want = self.cfg.resume_identity(self.scale)
-        if meta["identity"] != want:
-            diff = {k: {"checkpoint": meta["identity"].get(k), "now": v} for k, v in want.items()
-                    if meta["identity"].get(k) != v}
+        have = {"balance": "none", "class_mix": None} | meta["identity"]  # checkpoints from before those options
+        if have != want:
+            diff = {k: {"checkpoint": have.get(k), "now": v} for k, v in want.items() if have.get(k) != v}
             raise CheckpointError(f"{self.ckpt_path} was trained with other settings {diff}: "
                                   "use another --out-dir, or run without --resume to start over")
         model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from repadapter import RepAdapter, attach_slots, load_backbone
 from repadapter.errors import CheckpointError
-from training.batches import ShardedBatchSampler, class_weights
+from training.batches import ShardedBatchSampler, batches, class_weights
 from training.checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
 from training.cli import build_parser, config_flags, main
 from training.config import SCALE_GRID, TrainConfig
@@ -201,6 +202,19 @@ def test_weighted_sampler_draws_classes_equally_and_shards_like_one_process():
     assert share == pytest.approx(0.5, abs=0.05)  # 10% of the data, half of the draws (2,000 draws)
     with pytest.raises(ValueError, match="sampling weights"):
         ShardedBatchSampler(100, 20, seed=1, weights=weights[:50])
+
+
+def test_evaluation_passes_show_progress_and_log_their_duration(capsys, caplog):
+    loader = torch.utils.data.DataLoader(TensorDataset(torch.zeros(10, 2), torch.zeros(10)), batch_size=4)
+    with caplog.at_level(logging.INFO, logger="training.batches"):
+        assert len(list(batches(loader, "test (served bundle)", enabled=True))) == 3
+        assert len(list(batches(loader, "quiet", enabled=False, level=logging.DEBUG))) == 3
+    bar = capsys.readouterr().err
+    assert "test (served bundle)" in bar
+    assert "0/3 [" in bar  # a bar over the 3 batches (cleared when done: leave=False)
+    assert "quiet" not in bar
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"test \(served bundle\): 10 images in \d+\.\d s", line)
 
 
 # --- trial choice -------------------------------------------------------------------------------------
