@@ -8,6 +8,8 @@ import base64
 import json
 import shutil
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -371,3 +373,20 @@ def test_not_ready_is_503_with_the_protocols_body(tmp_path):
     assert (r.status_code, r.json()) == (503, {"error": "loading tasks and warming up"})
     r = client.get("/v2/models/imagenet")
     assert (r.status_code, r.headers["retry-after"], r.json()) == (503, "1", {"error": "the service is starting"})
+
+
+def test_the_request_deadline_applies(tmp_path, cat):
+    """The inference worker is held past ``request_timeout_s``: 503 with Retry-After, as /classify answers."""
+    for client in start(tmp_path, request_timeout_s=0.5):
+        request = {"inputs": [bytes_input(cat)], "outputs": [{"name": "labels"}]}
+        assert client.post(INFER, json=request).status_code == 200  # loaded: only the worker can hold it up
+        busy = threading.Thread(target=client.app.state.runtime.engine.call, args=(lambda: time.sleep(1.5),))
+        busy.start()
+        time.sleep(0.1)
+        try:
+            r = client.post(INFER, json=request)
+        finally:
+            busy.join(10)
+        assert (r.status_code, r.headers["retry-after"], set(r.json())) == (503, "1", {"error"})
+        assert r.json()["error"].startswith("no answer within "), r.json()
+        assert client.post(INFER, json=request).status_code == 200
