@@ -211,13 +211,18 @@ def check_registration(url: str, token: str | None, task: str, *, overwrite: boo
     log.info("registration checked url=%s task=%s exists=%s", base, task, existing.status_code == 200)
 
 
+def _check_auth(base: str, response: httpx.Response) -> None:
+    """401/403 from a management route: the admin token is missing or wrong."""
+    if response.status_code == 401:
+        raise RegisterError(f"{base} needs an admin token to register tasks: pass {TOKEN_FLAGS}")
+    if response.status_code == 403:
+        raise RegisterError(f"{base} refused the admin token ({_detail(response)}): check {TOKEN_FLAGS}")
+
+
 def _check_token(base: str, token: str | None) -> None:
     """``POST /tasks`` without a body: 422 (no bundle) once the admin check has passed; nothing is written."""
     probe = request("POST", f"{base}/tasks", token)
-    if probe.status_code == 401:
-        raise RegisterError(f"{base} needs an admin token to register tasks: pass {TOKEN_FLAGS}")
-    if probe.status_code == 403:
-        raise RegisterError(f"{base} refused the admin token ({_detail(probe)}): check {TOKEN_FLAGS}")
+    _check_auth(base, probe)
     if probe.status_code in RETRY_STATUSES:
         raise RegisterError(f"the service at {base} is not ready after {RETRY_ATTEMPTS} tries ({_detail(probe)}): "
                             "start training when GET /readyz answers 200")
@@ -242,8 +247,7 @@ def register(bundle: TaskBundle, url: str, token: str | None, *, overwrite: bool
     if response.status_code == 409:
         raise TaskExists(f"task {bundle.name!r} is already registered at {endpoint} ({_detail(response)}): pass "
                          "--overwrite to publish it as its next version")
-    if response.status_code in (401, 403):
-        raise RegisterError(f"{endpoint} refused the admin token ({_detail(response)}): check {TOKEN_FLAGS}")
+    _check_auth(_base(url), response)
     if response.status_code != 201:
         raise RegisterError(f"{endpoint} answered {response.status_code}: {_detail(response)}")
     log.info("registered task=%s at %s", bundle.name, endpoint)
