@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # RepServe image. Stages:
 #   torch        venv with torch/torchvision of the chosen flavour + the embedded MobileNetV2 weights
-#   sources      the project's sources (pyproject.toml, repadapter/, service/, training/), nothing else
+#   sources      the project's sources (pyproject.toml, repadapter/, service/, training/, repserve/), nothing else
 #   serve-deps   + requirements/serve.txt (extras serve, s3) + the project (non-editable)
 #   train-deps   + requirements/train.txt (extras train, s3) + the project (non-editable)
 #   train        `python -m training` + Fashion-MNIST, for deploy/k8s (--target train)
@@ -57,6 +57,7 @@ COPY pyproject.toml README.md /src/
 COPY repadapter /src/repadapter
 COPY service /src/service
 COPY training /src/training
+COPY repserve /src/repserve
 
 FROM torch AS serve-deps
 RUN pip install -r requirements/serve.txt

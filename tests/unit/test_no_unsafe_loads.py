@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ("repadapter", "service", "training", "bench", "deploy", "scripts")
+SHIPPED = ("repadapter", "service", "training", "repserve", "bench", "deploy", "scripts")
 UNSAFE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 UNSAFE_CALLS = {("yaml", "load"), ("yaml", "unsafe_load"), ("yaml", "full_load"), ("numpy", "load"),
                 ("np", "load"), ("pandas", "read_pickle"), ("pd", "read_pickle")}
