@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.settings import CLIENT_TOKEN_ENV as TOKEN_ENV
+from service.settings import CLIENT_URL_ENV as URL_ENV
+
 if TYPE_CHECKING:
     import httpx
 
 DEFAULT_URL = "http://localhost:8000"
-URL_ENV = "REPSERVE_URL"
-TOKEN_ENV = "REPSERVE_TOKEN"
 CONNECT_TIMEOUT_S = 5.0
 
 

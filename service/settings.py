@@ -147,10 +147,16 @@ class Settings(BaseSettings):
         return self.device
 
 
+CLIENT_URL_ENV = ENV_PREFIX + "URL"
+CLIENT_TOKEN_ENV = ENV_PREFIX + "TOKEN"
+"""Read by the ``repserve`` client commands, not the server: known, so a shell that exports them for the
+client does not make the server warn."""
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """``REPSERVE_*`` names in ``environ`` that are no setting (a typo such as ``REPSERVE_MAX_BATH`` would
     otherwise leave the default in force without a word)."""
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {CLIENT_URL_ENV, CLIENT_TOKEN_ENV}
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 

@@ -47,6 +47,8 @@ def test_short_or_placeholder_tokens_are_refused(monkeypatch, token, problem):
 def test_unknown_variables_are_reported(monkeypatch, capsys):
     monkeypatch.setenv("REPSERVE_MAX_BATH", "3")  # a typo: max_batch stays 16
     monkeypatch.setenv("REPSERVE_MAX_BATCH", "8")
+    monkeypatch.setenv("REPSERVE_URL", "http://localhost:8000")  # the repserve client's: no warning
+    monkeypatch.setenv("REPSERVE_TOKEN", "client-side-token-0123")
     assert unknown_variables(os.environ) == ["REPSERVE_MAX_BATH"]
     assert main(["--check-config"]) == 0
     out = capsys.readouterr()
