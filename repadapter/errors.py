@@ -7,6 +7,9 @@ codes ad hoc and the library stays usable outside a server.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
 
 class RepServeError(Exception):
     """Base class: ``code`` is the machine-readable error name (the ``error`` field of a service's answer)."""
@@ -78,3 +81,26 @@ class StoreFull(StoreError):
     """The store has no space left (disk or quota full): nothing was written."""
 
     code = "store_full"
+
+
+class _HasErrors(Protocol):
+    def errors(self) -> Iterable[Mapping[str, Any]]: ...
+
+
+def validation_problems(error: _HasErrors, *, flag_style: bool = False, empty: str = "value") -> list[str]:
+    """``loc: msg`` for each error of a pydantic ``ValidationError`` (or FastAPI's ``RequestValidationError``):
+    its location and message only, never its input value, which may be a secret (a token read from the
+    environment). ``flag_style`` writes the location as the command-line flag (``--max-batch``); ``empty``
+    names a location-less error (a model-level check)."""
+    problems = []
+    for err in error.errors():
+        loc = ".".join(map(str, err.get("loc", ())))
+        if flag_style:
+            loc = "--" + (loc.replace("_", "-") or empty)
+        problems.append(f"{loc or empty}: {err.get('msg', 'invalid')}")
+    return problems
+
+
+def describe_validation_error(error: _HasErrors, *, flag_style: bool = False, empty: str = "value") -> str:
+    """:func:`validation_problems` on one line, ``; ``-separated: the one way RepServe words a validation error."""
+    return "; ".join(validation_problems(error, flag_style=flag_style, empty=empty))

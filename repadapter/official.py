@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .backbone import Backbone
 from .bundle import AdapterConfig, BackboneRef, Manifest, TaskBundle, import_official
-from .errors import BundleError, CheckpointError
+from .errors import BundleError, CheckpointError, describe_validation_error
 from .inject import PLACEMENTS, attach_slots
 from .preprocess import PreprocessConfig
 
@@ -126,8 +126,7 @@ def official_bundle(state_dict: dict[str, Tensor], backbone: Backbone, *, task: 
             preprocess=official_preprocess(backbone.preprocess.input_size[-1]), description=description,
         )
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise BundleError(f"invalid task: {problems}") from e
+        raise BundleError(f"invalid task: {describe_validation_error(e)}") from e
     bundle = imported.bundle(manifest)
     bundle.check_compatible(backbone.arch, backbone.fingerprint, sites, backbone.num_features)
     return bundle

@@ -17,6 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
+from repadapter.errors import validation_problems
+
 from .logs import configure_logging
 from .settings import Settings, settings_table, unknown_variables
 
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m service") -> int:
     try:
         settings = Settings(_cli_settings_source=source(parsed_args=args))
     except ValidationError as e:
-        sys.stderr.write(f"invalid configuration:\n{e}\n")
+        # locations and messages only: pydantic's own text repeats the input values, and a value may be a token
+        problems = validation_problems(e, flag_style=True, empty="config")
+        sys.stderr.write("invalid configuration:\n" + "".join(f"  {p}\n" for p in problems))
         return 2
     unknown = unknown_variables(os.environ)
     if args.check_config:

@@ -20,7 +20,7 @@ from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from repadapter.errors import RepServeError
+from repadapter.errors import RepServeError, describe_validation_error
 
 from . import __version__, openapi
 from .errors import http_headers, http_status
@@ -55,8 +55,7 @@ async def _repserve_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return _error(request, 422, "invalid_request", problems)
+    return _error(request, 422, "invalid_request", describe_validation_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from repadapter.errors import ImageError
+from repadapter.errors import ImageError, describe_validation_error
 
 from .errors import InvalidInput
 from .registry import TaskRef
@@ -199,8 +199,7 @@ def parse_request(body: bytes, json_size: int, shape: tuple[int, int, int]) -> P
     try:
         request = InferenceRequest.model_validate_json(body[:json_size])
     except ValidationError as e:
-        raise InvalidInput("invalid inference request: " + "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())) from None
+        raise InvalidInput(f"invalid inference request: {describe_validation_error(e, empty='body')}") from None
     tensor = request.inputs[0]
     images = _images(tensor, _binary_section(tensor, body[json_size:]), shape)
     return ParsedRequest(request.id, images, _outputs(request), request.parameters.top_k)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from repadapter.errors import RepServeError
+from repadapter.errors import RepServeError, describe_validation_error
 
 from .config import TrainConfig
 from .demo import IMAGENET_TASK, build_demo, demo_configs
@@ -88,8 +88,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validation_message(e: ValidationError) -> str:
-    return "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-') or 'config'}: {err['msg']}"
-                     for err in e.errors())
+    return describe_validation_error(e, flag_style=True, empty="config")
 
 
 def main(argv: list[str] | None = None, prog: str = _PROG) -> int:

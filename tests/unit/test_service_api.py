@@ -183,6 +183,13 @@ def test_classify_errors(client, kwargs, status, code):
     error(client.post(**kwargs), status, code)
 
 
+def test_request_validation_errors_name_the_field_not_its_value(client):
+    r = client.post("/classify", params={"task": "imagenet", "top_k": "abc123secret"})
+    error(r, 422, "invalid_request")
+    assert "abc123secret" not in r.text
+    assert r.json()["detail"].startswith("query.top_k: Input should be a valid integer")
+
+
 def test_error_names_the_offending_image(client, images):
     detail = error(client.post("/classify?task=a", files=[*files(images[0]), ("files", ("bad.jpg", b"xx", "a/b"))]),
                    415, "unsupported_media")
