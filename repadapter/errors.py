@@ -47,6 +47,13 @@ class TaskExists(RepServeError):
     code = "task_exists"
 
 
+class VersionMismatch(TaskExists):
+    """A conditional change named a version that is not the one served (the task was replaced since the caller
+    looked): nothing changed. A :class:`TaskExists` so that it answers 409 wherever that one does."""
+
+    code = "version_mismatch"
+
+
 class UnsupportedBackbone(RepServeError):
     """The model's layout is not one we know how to adapt; raised loudly instead of guessing."""
 

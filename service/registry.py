@@ -13,21 +13,22 @@ served. Registration validates the tensors completely before anything is written
 :class:`service.lifecycle.Runtime`, also probes the input size on the engine and folds the adapters).
 
 Thread-safety: readers (``get``, ``tasks``) see an immutable snapshot dict, replaced wholesale by writers;
-writers (``register``, ``delete``, ``sync``) serialise on one lock, so a scan never interleaves with a
-registration.
+writers (``register``, ``delete``, ``sync``) serialise on one (re-entrant) lock, so a scan never interleaves with
+a registration, and :meth:`TaskRegistry.at_version` holds it across a conditional change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 from repadapter import AdapterConfig, Backbone, BackboneRef, Manifest
 from repadapter.bundle import PackedBundle, parse_manifest
-from repadapter.errors import BundleError, RepServeError, TaskExists, TaskNotFound
+from repadapter.errors import BundleError, RepServeError, TaskExists, TaskNotFound, VersionMismatch
 from repadapter.store import Catalog, Store
 
 from .errors import BuiltinTask, http_status
@@ -114,7 +115,7 @@ class TaskRegistry:
         self._tasks: dict[str, TaskRef] = {self._builtin.name: self._builtin} if self._builtin else {}
         self._catalog: Catalog | None = None
         self._failed: set[tuple[str, str]] = set()  # (name, etag) of stored versions whose manifest failed
-        self._write = threading.Lock()
+        self._write = threading.RLock()  # re-entrant: a writer may run inside at_version()
 
     # ---- reading (any thread) -----------------------------------------------------------------------
 
@@ -148,6 +149,19 @@ class TaskRegistry:
             self._tasks = {**self._tasks, task.name: task}
         log.info("registered task=%s version=%d", task.name, task.version)
         return task, current
+
+    @contextlib.contextmanager
+    def at_version(self, name: str, version: int) -> Iterator[TaskRef]:
+        """While ``name`` is served at ``version``: the block runs holding the write lock, so no registration,
+        deletion or scan of this replica changes the task before the block's own change (``DELETE
+        /tasks/NAME?version=N``). Raises :class:`TaskNotFound`, or :class:`VersionMismatch` (409) when another
+        version is served: the caller looked before the task was replaced."""
+        with self._write:
+            current = self.get(name)
+            if current.version != version:
+                raise VersionMismatch(f"task {name!r} is at version {current.version}, not {version} (replaced "
+                                      "since you looked?): nothing changed")
+            yield current
 
     def delete(self, name: str) -> TaskRef | None:
         """Remove a task from the store and stop serving it; returns the version that was served.

@@ -84,8 +84,22 @@ def get_task(name: str, runtime: ReadyRuntime) -> TaskInfo:
 
 @router.delete("/{name}", status_code=204, response_class=Response, responses=_WRITE_ERRORS,
                dependencies=[Depends(require_admin)])
-async def delete_task(name: str, runtime: ReadyRuntime) -> Response:
+async def delete_task(
+    name: str,
+    runtime: ReadyRuntime,
+    version: Annotated[int | None, Query(ge=1, description="Delete only if this version is the one served; "
+                                         "otherwise 409 `version_mismatch` and nothing changes.")] = None,
+) -> Response:
     """Delete a task from the store and stop serving it. Requests already accepted are still answered,
     by the version they were accepted for."""
-    await run_in_threadpool(runtime.delete, name)
+    await run_in_threadpool(_delete, runtime, name, version)
     return Response(status_code=204)
+
+
+def _delete(runtime: Runtime, name: str, version: int | None) -> None:
+    """Blocking; with ``version``, checked and deleted under the registry's write lock (no registration between)."""
+    if version is None:
+        runtime.delete(name)
+        return
+    with runtime.registry.at_version(name, version):
+        runtime.delete(name)

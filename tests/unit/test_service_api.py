@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -382,6 +383,42 @@ def test_delete_stops_serving_and_removes_from_the_store(client, store, model):
     error(client.get("/tasks/doomed"), 404, "task_not_found")
     error(client.post("/classify?task=doomed", files=files(b"x")), 404, "task_not_found")
     error(client.delete("/tasks/doomed"), 404, "task_not_found")
+
+
+def test_conditional_delete_deletes_only_the_version_named(client, store, model):
+    assert client.post("/tasks", files=multipart_bundle(model.bundle("guarded-v", 52))).status_code == 201
+    replacement = multipart_bundle(model.bundle("guarded-v", 53))
+    assert client.post("/tasks?overwrite=true", files=replacement).status_code == 201
+    detail = error(client.delete("/tasks/guarded-v", params={"version": 1}), 409, "version_mismatch")
+    assert detail == "task 'guarded-v' is at version 2, not 1 (replaced since you looked?): nothing changed"
+    assert client.get("/tasks/guarded-v").json()["version"] == 2
+    assert store.versions("guarded-v") == [1, 2]
+    error(client.delete("/tasks/guarded-v", params={"version": 0}), 422, "invalid_request")
+    r = client.delete("/tasks/guarded-v", params={"version": 2})
+    assert (r.status_code, r.content) == (204, b"")
+    assert store.versions("guarded-v") == []
+    error(client.delete("/tasks/guarded-v", params={"version": 2}), 404, "task_not_found")
+    error(client.delete("/tasks/never-was", params={"version": 1}), 404, "task_not_found")
+
+
+def test_conditional_delete_holds_off_registrations(client, model):
+    """The version check and the deletion are one step: a registration arriving between them waits."""
+    registry = client.app.state.runtime.registry
+    assert client.post("/tasks", files=multipart_bundle(model.bundle("raced", 54))).status_code == 201
+    replaced = threading.Event()
+
+    def replace() -> None:
+        registry.register(model.bundle("raced", 55).pack(), overwrite=True)
+        replaced.set()
+
+    with registry.at_version("raced", 1):
+        writer = threading.Thread(target=replace)
+        writer.start()
+        assert not replaced.wait(0.3)  # blocked on the write lock held here
+        client.app.state.runtime.delete("raced")  # re-entrant: the block's own change
+    writer.join(10)
+    assert replaced.is_set()
+    assert client.get("/tasks/raced").json()["version"] == 1  # registered after the deletion: a new task
 
 
 def test_builtin_task_can_be_overridden_but_not_deleted(client, model, images):
