@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from repadapter.errors import RepServeError, describe_validation_error
 
 from . import __version__, openapi
-from .errors import http_headers, http_status
+from .errors import error_body, http_headers, http_status
 from .lifecycle import Runtime
 from .metrics import Metrics
 from .middleware import BodyDeadlineMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -40,8 +40,7 @@ def _error(request: Request, status: int, code: str, detail: str,
            headers: dict[str, str] | None = None) -> JSONResponse:
     """The error body: ``{"error": code, "detail": message}``; under /v2 the Open Inference Protocol's
     ``{"error": message}``, which its clients read."""
-    body = {"error": detail} if v2.serves(request.url.path) else {"error": code, "detail": detail}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(request.url.path, code, detail), status_code=status, headers=headers)
 
 
 async def _repserve_error(request: Request, exc: Exception) -> JSONResponse:

@@ -111,6 +111,18 @@ class ClientClosed(RepServeError):
     code = "client_closed_request"
 
 
+PROTOCOL_PREFIX = "/v2"  # the Open Inference Protocol's routes (service.routes.v2): their errors take its body
+
+
+def error_body(path: str, code: str, detail: str) -> dict[str, str]:
+    """An error's JSON body for a request to ``path``: ``{"error": code, "detail": message}``, or under /v2 the
+    Open Inference Protocol's ``{"error": message}``, which its clients read. The one shaping of error bodies:
+    the app's exception handlers and the middleware (408) both answer with it."""
+    if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
+        return {"error": detail}
+    return {"error": code, "detail": detail}
+
+
 _RETRY_SOON = {"Retry-After": "1"}  # temporary: the replica is starting, stopping or busy
 
 # error class -> (HTTP status, headers); a class not listed takes its nearest listed base's entry.

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import error_body
 from .logs import request_id
 from .metrics import Metrics
 
@@ -105,8 +106,8 @@ class BodyDeadlineMiddleware:
             if not guard.timed_out:
                 raise
         if guard.timed_out and not guard.started:
-            body = json.dumps({"error": "body_timeout", "detail": f"the request body did not arrive within "
-                                                                  f"{self.timeout_s:g} s"}).encode()
+            body = json.dumps(error_body(scope["path"], "body_timeout", f"the request body did not arrive within "
+                                                                        f"{self.timeout_s:g} s")).encode()
             await send({"type": "http.response.start", "status": 408,
                         "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                     (b"content-length", str(len(body)).encode())]})

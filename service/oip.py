@@ -25,6 +25,7 @@ import binascii
 import itertools
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from repadapter.errors import ImageError, describe_validation_error
+from repadapter.errors import ImageError, PayloadTooLarge, describe_validation_error
 
 from .errors import InvalidInput
 from .registry import TaskRef
@@ -47,6 +48,7 @@ DEFAULT_TOP_K = 5
 MAX_ABS_VALUE = 1e4  # a preprocessed image holds normalized pixels, a few units; far beyond is not an image
 _JSON_FLOAT_CHARS = 26  # the longest float a client's JSON encoder writes, with its separator
 _HEADER_BYTES = 1 << 20  # what a body holds besides its tensors
+_HEADER_VALUES = 4096  # JSON values a request holds besides its tensor's numbers
 
 Count = Annotated[int, Field(ge=0)]
 
@@ -177,11 +179,41 @@ class ParsedRequest:
     top_k: int
 
 
-def max_body_bytes(shape: tuple[int, int, int], max_images: int, max_image_bytes: int) -> int:
-    """The largest body a request for a task of input ``shape`` can need: its most images, each as a JSON tensor
-    or a base64 file, whichever is larger."""
-    per_image = max(math.prod(shape) * _JSON_FLOAT_CHARS, (max_image_bytes + 2) // 3 * 4 + 8)
-    return _HEADER_BYTES + max_images * per_image
+@dataclass(frozen=True)
+class BodyLimits:
+    """What an inference request for one task can legitimately hold, checked before anything is parsed.
+
+    ``body``: the most bytes of any encoding (a JSON FP32 tensor at ``_JSON_FLOAT_CHARS`` a number, base64 files,
+    or either in the binary section), refused (413) from ``Content-Length`` or while streaming. ``values``: the
+    most JSON values the header may hold; a JSON tensor of more numbers than the task's most images is refused
+    (413) before it becomes Python floats (about 32 bytes each however short its text)."""
+
+    body: int
+    values: int
+
+    @classmethod
+    def of(cls, shape: tuple[int, int, int], max_images: int, max_image_bytes: int) -> BodyLimits:
+        c, h, _ = shape
+        pixels = math.prod(shape)
+        json_tensor = max_images * pixels * _JSON_FLOAT_CHARS
+        base64_files = max_images * ((max_image_bytes + 2) // 3 * 4 + 8)
+        binary = max_images * max(pixels * 4, max_image_bytes + 4)
+        nesting = c * h + c + 1  # the arrays of one nested image
+        return cls(_HEADER_BYTES + max(json_tensor, base64_files, binary),
+                   max_images * (pixels + nesting) + _HEADER_VALUES)
+
+    def check(self, body: bytes, json_size: int) -> None:
+        """Refuse (413) a body that cannot be a request this task takes: a JSON header of more values than the
+        task's most images hold, or a header longer than ``_HEADER_BYTES`` before a binary section. Counts
+        bytes only (C speed, no parsing): every JSON value but one follows a ``,`` or opens with ``[``/``{``."""
+        if len(body) > self.body:
+            raise PayloadTooLarge(f"the request body is {len(body)} bytes, the limit is {self.body}")
+        if json_size < len(body) and json_size > _HEADER_BYTES:
+            raise PayloadTooLarge(f"the JSON header is {json_size} bytes before binary data; at most {_HEADER_BYTES}")
+        values = sum(body.count(c, 0, json_size) for c in (b",", b"[", b"{"))
+        if values > self.values:
+            raise PayloadTooLarge(f"the request holds more than {self.values} JSON values, more than this task's "
+                                  "most images can")
 
 
 def header_length(value: str | None, body_size: int) -> int:
@@ -193,19 +225,29 @@ def header_length(value: str | None, body_size: int) -> int:
     return int(value)
 
 
-def parse_request(body: bytes, json_size: int, shape: tuple[int, int, int]) -> ParsedRequest:
+def _no_check() -> None:
+    pass
+
+
+def parse_request(body: bytes, json_size: int, shape: tuple[int, int, int],
+                  check: Callable[[], None] = _no_check) -> ParsedRequest:
     """Check a request body (``json_size`` bytes of JSON header, then the binary section) for a task of input
-    ``shape``. Blocking (a large JSON tensor takes milliseconds): call it off the event loop."""
-    try:
-        request = InferenceRequest.model_validate_json(body[:json_size])
+    ``shape``. Blocking (the largest JSON tensor takes seconds): call it off the event loop, after
+    :meth:`BodyLimits.check`. ``check`` is called between steps (and before each image): it raises to stop the
+    work (the request's deadline passed, its client left)."""
+    check()
+    view = memoryview(body)  # slices of it share the body's bytes
+    try:  # pydantic reads bytes only: the whole body, or a header of at most _HEADER_BYTES before binary data
+        request = InferenceRequest.model_validate_json(body if json_size == len(body) else bytes(view[:json_size]))
     except ValidationError as e:
         raise InvalidInput(f"invalid inference request: {describe_validation_error(e, empty='body')}") from None
+    check()
     tensor = request.inputs[0]
-    images = _images(tensor, _binary_section(tensor, body[json_size:]), shape)
+    images = _images(tensor, _binary_section(tensor, view[json_size:]), shape, check)
     return ParsedRequest(request.id, images, _outputs(request), request.parameters.top_k)
 
 
-def _binary_section(tensor: RequestInput, binary: bytes) -> bytes | None:
+def _binary_section(tensor: RequestInput, binary: memoryview) -> memoryview | None:
     """The input's bytes in the binary section, or ``None`` when its data is in the JSON header."""
     size = tensor.parameters.binary_data_size
     if size is None:
@@ -222,7 +264,8 @@ def _binary_section(tensor: RequestInput, binary: bytes) -> bytes | None:
     return binary
 
 
-def _images(tensor: RequestInput, binary: bytes | None, shape: tuple[int, int, int]) -> torch.Tensor | list[Upload]:
+def _images(tensor: RequestInput, binary: memoryview | None, shape: tuple[int, int, int],
+            check: Callable[[], None]) -> torch.Tensor | list[Upload]:
     expected = {IMAGE: "FP32", IMAGE_BYTES: "BYTES"}.get(tensor.name)
     if expected is None:
         raise InvalidInput(f"unknown input {tensor.name!r}; send {IMAGE!r} (FP32 [N, {', '.join(map(str, shape))}]) "
@@ -233,10 +276,10 @@ def _images(tensor: RequestInput, binary: bytes | None, shape: tuple[int, int, i
         raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} holds no image")
     if tensor.name == IMAGE:
         return _pixels(tensor, binary, shape)
-    return _files(tensor, binary)
+    return _files(tensor, binary, check)
 
 
-def _pixels(tensor: RequestInput, binary: bytes | None, shape: tuple[int, int, int]) -> torch.Tensor:
+def _pixels(tensor: RequestInput, binary: memoryview | None, shape: tuple[int, int, int]) -> torch.Tensor:
     n = tensor.shape[0]
     if tensor.shape != [n, *shape]:
         raise InvalidInput(f"input {IMAGE!r}: shape {tensor.shape}; this task takes [N, {', '.join(map(str, shape))}]")
@@ -271,7 +314,7 @@ def _leaves(data: list) -> list:
     return data
 
 
-def _files(tensor: RequestInput, binary: bytes | None) -> list[Upload]:
+def _files(tensor: RequestInput, binary: memoryview | None, check: Callable[[], None]) -> list[Upload]:
     n = tensor.shape[0]
     if tensor.shape not in ([n], [n, 1]):
         raise InvalidInput(f"input {IMAGE_BYTES!r}: shape {tensor.shape}; send [N] (or [N, 1]) images")
@@ -281,10 +324,16 @@ def _files(tensor: RequestInput, binary: bytes | None) -> list[Upload]:
         values = _leaves(tensor.data) if isinstance(tensor.data, list) else None
         if values is None or not all(isinstance(v, str) for v in values):
             raise InvalidInput(f"input {IMAGE_BYTES!r}: data must be an array of base64 strings (encoded images)")
-        elements = [_base64(i, v) for i, v in enumerate(values)]
+        if len(values) != n:
+            raise InvalidInput(f"input {IMAGE_BYTES!r}: {len(values)} elements; shape {tensor.shape} holds {n}")
+        elements = []
+        for i, v in enumerate(values):
+            check()
+            elements.append(_base64(i, v))
     if len(elements) != n:
         raise InvalidInput(f"input {IMAGE_BYTES!r}: {len(elements)} elements; shape {tensor.shape} holds {n}")
-    return [Upload(data) for data in elements]
+    # binary elements stay views of the body (decoding takes any bytes-like object)
+    return [Upload(data) for data in elements]  # type: ignore[arg-type]
 
 
 def _base64(index: int, value: str) -> bytes:
@@ -294,7 +343,7 @@ def _base64(index: int, value: str) -> bytes:
         raise InvalidInput(f"input {IMAGE_BYTES!r}: element {index} is not base64 (encoded image bytes)") from None
 
 
-def _split_bytes(binary: bytes) -> list[bytes]:
+def _split_bytes(binary: memoryview) -> list[memoryview]:
     """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
     out, offset = [], 0
     while offset < len(binary):

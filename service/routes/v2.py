@@ -2,15 +2,19 @@
 
 HTTP only: the wire format is :mod:`service.oip`, inference the classify path (:func:`.classify.classify_batch`),
 so /v2 and /classify share decoding, image limits, the request deadline, disconnect handling and auth (the
-classify token). Errors are the protocol's ``{"error": message}`` (the app's one handler shapes them for /v2
-paths). Health answers as /healthz and /readyz do: 200 with an empty body, 503 when not live or not ready (the
-protocol says 4xx; clients test for 200, and a 503 tells a proxy to retry elsewhere). A model is ready when
-its task is served: a task not on the device is loaded by its first request.
+classify token). Errors are the protocol's ``{"error": message}`` (:func:`service.errors.error_body` shapes
+them for /v2 paths, in the app's handlers and in the middleware's 408). Health answers as /healthz and /readyz do:
+200 with an empty body, 503 when not live or not ready (the protocol says 4xx; clients test for 200, and a 503
+tells a proxy to retry elsewhere). A model is ready when its task is served: a task not on the device is loaded by
+its first request. An inference body is bounded by what the task's most images can need (413 before parsing), and
+is parsed in a worker thread under /classify's decode slots, within the request's deadline.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the closures' dependency types (_model_routes).
 
+import asyncio
 import base64
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -22,14 +26,15 @@ from repadapter.errors import ImageError, TaskNotFound
 
 from .. import __version__, oip
 from ..deps import ReadyRuntime, require_reader
-from ..images import Deadline
+from ..errors import PROTOCOL_PREFIX, ClientClosed
+from ..images import Deadline, decode_slots
 from ..lifecycle import Runtime
 from ..registry import TaskRef
 from ..uploads import read_body
 from .classify import classify_batch
 from .health import healthz, readyz
 
-router = APIRouter(prefix="/v2", tags=["v2"])
+router = APIRouter(prefix=PROTOCOL_PREFIX, tags=["v2"])
 
 _TASK = Annotated[str, Path(description="The task's name (GET /tasks lists them).", examples=["imagenet"])]
 _VERSION = Annotated[str, Path(description="The task's version: only the current one is served (0: a builtin).",
@@ -60,11 +65,6 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     400: _ERROR, 413: _ERROR, **_READ_ERRORS,
 }
-
-
-def serves(path: str) -> bool:
-    """Whether ``path`` is under this router's prefix: its errors take the protocol's body."""
-    return path == router.prefix or path.startswith(router.prefix + "/")
 
 
 @router.get("", response_model=oip.ServerMetadata)
@@ -129,11 +129,12 @@ _model_routes("/models/{name}/versions/{version}", task_version)
 async def _infer(request: Request, runtime: Runtime, task: TaskRef) -> Response:
     s = runtime.settings
     deadline = Deadline.after(s.request_timeout_s)
-    limit = oip.max_body_bytes(task.shape, s.max_images_per_request, s.max_image_bytes)
-    body = await deadline.run(read_body(request, limit), "reading the request body")
+    limits = oip.BodyLimits.of(task.shape, s.max_images_per_request, s.max_image_bytes)
+    body = await deadline.run(read_body(request, limits.body), "reading the request body")
     json_size = oip.header_length(request.headers.get(oip.HEADER_LENGTH), len(body))
-    parsed = await deadline.run(anyio.to_thread.run_sync(oip.parse_request, body, json_size, task.shape),
-                                "reading the request body")
+    limits.check(body, json_size)  # 413 before any parsing
+    parsed = await _parse(request, body, json_size, task, deadline,
+                          decode_slots(request.app.state, s.decode_concurrency))
     try:
         done = await classify_batch(request, runtime, task, parsed.images, oip.predictions_needed(parsed, task),
                                     deadline)
@@ -143,3 +144,41 @@ async def _infer(request: Request, runtime: Runtime, task: TaskRef) -> Response:
     if header is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={oip.HEADER_LENGTH: str(header)})
+
+
+async def _parse(request: Request, body: bytes, json_size: int, task: TaskRef, deadline: Deadline,
+                 slots: anyio.CapacityLimiter) -> oip.ParsedRequest:
+    """:func:`oip.parse_request` in a worker thread once one of ``slots`` (/classify's decode slots) is free: a
+    parse holds as much memory as a decode. Waiting for a slot ends at the deadline or when the client leaves;
+    the thread is never abandoned (it would keep its memory while another takes its slot): it checks both
+    itself and stops at its next step."""
+    gone = threading.Event()
+
+    def check() -> None:
+        if gone.is_set():
+            raise ClientClosed("the client disconnected before its answer; its request was not parsed")
+        deadline.check("parsing the request body")
+
+    async def parse() -> oip.ParsedRequest:
+        await deadline.run(slots.acquire(), "waiting to parse: every decode slot is busy; the server is overloaded")
+        try:
+            return await anyio.to_thread.run_sync(oip.parse_request, body, json_size, task.shape, check)
+        finally:
+            slots.release()
+
+    async def disconnected() -> None:  # the body has been read: the next message can only be a disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    job, watcher = asyncio.ensure_future(parse()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also on cancellation from outside
+        gone.set()  # first: cancelling waits for a running thread, which now stops at its next step
+        for f in (job, watcher):
+            if not f.done():
+                f.cancel()
+        await asyncio.gather(job, watcher, return_exceptions=True)
+    if not job.cancelled():  # parsed, or refused (400, the deadline, the client gone while it ran)
+        return job.result()
+    raise ClientClosed("the client disconnected before its answer; its request was not parsed")

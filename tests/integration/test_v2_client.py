@@ -117,3 +117,15 @@ def test_errors_reach_the_client_as_the_protocol_says(client):
     with pytest.raises(InferenceServerException) as unknown:
         client.get_model_metadata("no-such-task")
     assert unknown.value.status() == "404"
+
+
+def test_an_oversized_json_tensor_is_413_with_the_protocols_body(server):
+    """A JSON tensor of more numbers than the server's most images (64) hold, two bytes a number: refused on
+    the body's bytes, before parsing, with the protocol's error body (tritonclient reads ``error``)."""
+    images, pixels = 65, 3 * 224 * 224
+    head = b'{"inputs": [{"name": "image", "shape": [65, 3, 224, 224], "datatype": "FP32", "data": ['
+    r = httpx.post(f"{server.url}/v2/models/imagenet/infer", content=head + b"0," * (images * pixels - 1) + b"0]}]}",
+                   headers={"content-type": "application/json"}, timeout=TIMEOUT_S)
+    values = 64 * (pixels + 3 * 224 + 3 + 1) + 4096
+    assert (r.status_code, r.json()) == (413, {"error": f"the request holds more than {values} JSON values, more "
+                                                        "than this task's most images can"})

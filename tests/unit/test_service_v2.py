@@ -4,6 +4,7 @@ every malformed request refused with the protocol's error body."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -19,10 +20,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from repadapter.preprocess import PreprocessConfig, preprocess_batch
-from service import __version__
+from service import __version__, oip
 from service.app import create_app
+from service.errors import error_body
+from service.middleware import BodyDeadlineMiddleware
 from service.settings import Settings
 from tests.servicekit import encode, wait_for
 
@@ -330,6 +335,206 @@ def test_bad_binary_data_is_400(client, header, blob, length, error):
 def test_too_many_images_is_413(client, cat):
     r = client.post(INFER, json={"inputs": [bytes_input(cat, cat, cat, cat)]})
     assert (r.status_code, r.json()) == (413, {"error": "4 images; at most 3 per request"})
+
+
+# ---- body limits, parse concurrency and the deadline ------------------------------------------------------------
+
+
+def test_body_limits_are_what_the_tasks_most_images_need():
+    """imagenet at the defaults (64 images, 20 MB files): base64 files are the largest body; a JSON tensor may hold
+    its 64 images' numbers (and a nested tensor's arrays), not more."""
+    limits = oip.BodyLimits.of((3, 224, 224), 64, 20 << 20)
+    assert limits.body == (1 << 20) + 64 * (((20 << 20) + 2) // 3 * 4 + 8)
+    assert limits.values == 64 * (3 * 224 * 224 + 3 * 224 + 3 + 1) + 4096
+    small = oip.BodyLimits.of((3, 224, 224), 3, 1000)  # small files: the JSON tensor is the largest body
+    assert small.body == (1 << 20) + 3 * 3 * 224 * 224 * 26
+
+
+def oversized_tensor(images: int) -> bytes:
+    """A JSON FP32 tensor of ``images`` imagenet images of zeros, at 2 bytes a number (what makes Python floats
+    16 times the body)."""
+    head = json.dumps({"name": "image", "shape": [images, 3, 224, 224], "datatype": "FP32"})[:-1]
+    return (b'{"inputs": [' + head.encode() + b', "data": [' + b"0," * (images * 3 * 224 * 224 - 1) + b"0]}]}")
+
+
+@pytest.fixture
+def parses(monkeypatch) -> list[int]:
+    """Every call of oip.parse_request from now on (its JSON size), made through to the real one."""
+    calls: list[int] = []
+    real = oip.parse_request
+
+    def recorded(body: bytes, json_size: int, *args: Any) -> oip.ParsedRequest:
+        calls.append(json_size)
+        return real(body, json_size, *args)
+
+    monkeypatch.setattr(oip, "parse_request", recorded)
+    return calls
+
+
+def test_an_oversized_json_tensor_is_413_before_parsing(client, parses):
+    """4 images where the task takes 3: refused on the body's bytes, before one number becomes a Python float."""
+    start = time.perf_counter()
+    r = client.post(INFER, content=oversized_tensor(4), headers={"content-type": "application/json"})
+    seconds = time.perf_counter() - start
+    values = 3 * (3 * 224 * 224 + 3 * 224 + 3 + 1) + 4096
+    assert (r.status_code, r.json()) == (413, {"error": f"the request holds more than {values} JSON values, more "
+                                                        "than this task's most images can"})
+    assert parses == []
+    assert seconds < 2.0  # counting bytes, not parsing (a parse of this body takes seconds and GBs)
+
+
+def test_a_declared_body_over_the_limit_is_413_before_reading(client, parses):
+    limit = oip.BodyLimits.of((3, 224, 224), 3, 20 << 20).body
+    r = client.post(INFER, content=b"{}", headers={"content-type": "application/json",
+                                                   "content-length": str(limit + 1)})
+    assert (r.status_code, r.json()) == (413, {"error": f"the request body is {limit + 1} bytes, the limit is {limit}"})
+    assert parses == []
+
+
+def test_a_large_json_header_before_binary_data_is_413(client, parses):
+    header = {"inputs": [binary_input("image_bytes", [1], 5)], "id": "x" * (1 << 20)}
+    body, headers = binary_request(header, b"\x01\x00\x00\x00x")
+    r = client.post(INFER, content=body, headers=headers)
+    assert (r.status_code, r.json()) == (413, {"error": f"the JSON header is {len(body) - 5} bytes before binary "
+                                                        f"data; at most {1 << 20}"})
+    assert parses == []
+
+
+def test_a_tensor_of_the_tasks_most_images_is_parsed(client, cat_pixels, classified, parses):
+    """The largest JSON tensor the task takes (3 images, nested) passes the value bound and answers as /classify."""
+    x = cat_pixels.expand(3, -1, -1, -1).contiguous()
+    r = client.post(INFER, json={"inputs": [tensor_input(x, nested=True)]})
+    assert r.status_code == 200, r.text
+    assert len(parses) == 1
+    probabilities = outputs(r.json())["probabilities"]
+    assert probabilities["shape"] == [3, 1000]
+    assert_probabilities(probabilities["data"][2000:], labels(client), classified)
+
+
+def test_parses_share_the_decode_slots(client, cat, monkeypatch):
+    """At most ``decode_concurrency`` requests parse at once, holding /classify's decode slots while they do."""
+    real, lock = oip.parse_request, threading.Lock()
+    running, peak, slots_held = 0, 0, []
+
+    def slow(*args: Any) -> oip.ParsedRequest:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        slots_held.append(client.app.state.decode_slots.borrowed_tokens)
+        time.sleep(0.2)
+        with lock:
+            running -= 1
+        return real(*args)
+
+    monkeypatch.setattr(oip, "parse_request", slow)
+    request = {"inputs": [bytes_input(cat)], "outputs": [{"name": "labels"}], "parameters": {"top_k": 1}}
+    statuses: list[int] = []
+    workers = [threading.Thread(target=lambda: statuses.append(client.post(INFER, json=request).status_code))
+               for _ in range(10)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    slots = client.app.state.settings.decode_concurrency
+    assert (statuses, peak) == ([200] * 10, slots)
+    assert min(slots_held) >= 1  # the parse holds one of /classify's decode slots
+    assert client.app.state.decode_slots.total_tokens == slots
+
+
+@pytest.fixture
+def one_slot(tmp_path) -> Iterator[TestClient]:
+    yield from start(tmp_path, request_timeout_s=0.5, decode_concurrency=1)
+
+
+def test_nothing_is_parsed_after_the_deadline(one_slot, cat, monkeypatch):
+    """One decode slot, a parse that outlives the 0.5 s deadline: both requests get 503 timeout, and the one that
+    waited for the slot is never parsed (its deadline passed while waiting)."""
+    calls: list[float] = []
+
+    def slow(body: bytes, json_size: int, shape: tuple[int, int, int], check: Any) -> oip.ParsedRequest:
+        calls.append(time.monotonic())
+        time.sleep(0.8)
+        check()  # what the real parse does between its steps: past the deadline, it stops here
+        raise AssertionError("parsed past the deadline")
+
+    monkeypatch.setattr(oip, "parse_request", slow)
+    request = {"inputs": [bytes_input(cat)]}
+    answers: list[Any] = []
+    workers = [threading.Thread(target=lambda: answers.append(one_slot.post(INFER, json=request))) for _ in range(2)]
+    for w in workers:
+        w.start()
+        time.sleep(0.05)
+    for w in workers:
+        w.join(30)
+    assert [(r.status_code, r.headers["retry-after"], set(r.json())) for r in answers] == [(503, "1", {"error"})] * 2
+    assert sorted(r.json()["error"].rsplit("while ", 1)[1] for r in answers) == [
+        "parsing the request body", "waiting to parse: every decode slot is busy; the server is overloaded"]
+    assert len(calls) == 1
+
+
+def test_the_parse_stops_between_images_when_told():
+    """The real parse calls ``check`` before every image: a check that raises (deadline, client gone) stops it."""
+    seen: list[int] = []
+
+    def check() -> None:
+        seen.append(1)
+        if len(seen) > 3:
+            raise oip.InvalidInput("stop")
+
+    body = json.dumps({"inputs": [bytes_input(b"a", b"b", b"c", b"d", b"e")]}).encode()
+    with pytest.raises(oip.InvalidInput, match="stop"):
+        oip.parse_request(body, len(body), (3, 224, 224), check)
+    assert len(seen) == 4  # before the header, after it, then before images 0 and 1
+
+
+# ---- the body deadline's 408 ------------------------------------------------------------------------------------
+
+
+async def _read_body(scope: dict, receive: Any, send: Any) -> None:
+    """An app that reads the whole body first (as v2 infer does), then answers."""
+    await Request(scope, receive).body()
+    await JSONResponse({})(scope, receive, send)
+
+
+def stalled_request(path: str) -> list[dict]:
+    """What the middleware sends for a POST to ``path`` whose body never finishes, with a 0.3 s body deadline."""
+    app = BodyDeadlineMiddleware(_read_body, timeout_s=0.3)
+    sent: list[dict] = []
+
+    async def main() -> None:
+        chunks = [b'{"inputs": [']
+
+        async def receive() -> dict:
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": True}
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
+        await asyncio.wait_for(app(scope, receive, send), 10)
+
+    asyncio.run(main())
+    return sent
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (INFER, {"error": "the request body did not arrive within 0.3 s"}),
+    ("/tasks", {"error": "body_timeout", "detail": "the request body did not arrive within 0.3 s"}),
+])
+def test_the_body_deadline_answers_408_in_the_paths_error_shape(path, body):
+    sent = stalled_request(path)
+    assert (sent[0]["status"], json.loads(sent[1]["body"])) == (408, body)
+
+
+def test_one_error_shape_by_path():
+    assert error_body("/v2/models/x/infer", "timeout", "late") == {"error": "late"}
+    assert error_body("/v2", "timeout", "late") == {"error": "late"}
+    assert error_body("/v2x", "timeout", "late") == {"error": "timeout", "detail": "late"}
+    assert error_body("/classify", "timeout", "late") == {"error": "timeout", "detail": "late"}
 
 
 def test_v2_infer_is_counted_per_task(client, cat):
