@@ -206,7 +206,13 @@ def test_classify_is_hashed_on_the_task_parameter(render, variant):
     classify = [r for r in routes if r[1] == "/classify" or (r[2] == "Prefix" and r[1] in ("/", ""))]
     assert [(r[1], r[2]) for r in classify] == [("/classify", "Exact")]
     ing, _, _, service = classify[0]
-    assert ing["metadata"]["annotations"][HASH_ANNOTATION] == "$arg_task"
+    # /classify's path is fixed (its key is `task`); a v2 model's path names its task
+    assert ing["metadata"]["annotations"][HASH_ANNOTATION] == "$arg_task$uri"
+    hashed = sorted((path, kind) for i, path, kind, _ in routes if i is ing)
+    assert hashed == [("/classify", "Exact"), ("/v2/models", "Prefix")]
+    assert {(path, kind) for i, path, kind, _ in routes if i is not ing} >= {
+        ("/", "Exact"), ("/static", "Prefix"), ("/v2", "Prefix"), ("/tasks", "Prefix"), ("/docs", "Prefix"),
+        ("/openapi.json", "Exact")}
     # ingress-nginx keeps one balancing setting per Service port (the first Ingress wins): no other Ingress may
     # route to the hashed Service (with another setting), and the others (no task) are round-robin.
     others = [r for r in routes if r[0] is not ing]
@@ -324,7 +330,10 @@ def _replicas() -> list[str]:
 def test_compose_nginx_hashes_tasks_over_every_replica():
     conf = NGINX_CONF.read_text()
     upstream = _upstream(conf)
-    assert re.search(r"^\s*hash\s+\$arg_task\s+consistent;", upstream, re.M)
+    assert re.search(r"^\s*hash\s+\$task_key\s+consistent;", upstream, re.M)
+    key = re.search(r"map\s+\$uri\s+\$task_key\s*\{(.*?)\}", conf, re.S)
+    assert key, "nginx.conf has no `map $uri $task_key`: the v2 model path's task, else `?task=`"
+    assert re.search(r"^\s*default\s+\$arg_task;", key.group(1), re.M)
     servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)\b([^;]*);", upstream, re.M)
     assert len(_replicas()) >= 2
     assert sorted(name for name, _, _ in servers) == _replicas(), "one upstream server per compose replica"
@@ -448,6 +457,13 @@ class _Nginx:
         assert status == 200, body
         return body["backend"]
 
+    def v2_backend(self, task: str, version: str | None = None) -> str:
+        """Where an Open Inference Protocol infer of ``task`` goes (with a query that must not matter)."""
+        path = f"/v2/models/{task}" + (f"/versions/{version}" if version else "") + "/infer?x=1"
+        status, body = self.request("POST", path, b"{}")
+        assert status == 200, body
+        return body["backend"]
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
@@ -469,8 +485,15 @@ def test_compose_nginx_routes_each_task_to_one_replica(backends, tmp_path):
         assert {t: nginx.backend(t) for t in tasks} == before, "a task changed replica between two requests"
         share = sum(b == "b1" for b in before.values()) / len(tasks)
         assert 0.2 < share < 0.8, f"b1 got {share:.0%} of the tasks"
-        # no `task` (/tasks): round-robin, both replicas
-        assert {nginx.request("GET", "/tasks")[1]["backend"] for _ in range(6)} == {"b1", "b2"}
+        # v2 infer: the task from the path, so each task reaches one replica, its /classify's, with or without a
+        # version; tasks spread over both
+        v2 = {t: nginx.v2_backend(t) for t in tasks}
+        assert v2 == before, "a task's v2 infer and its /classify reached different replicas"
+        assert {t: nginx.v2_backend(t, "1") for t in tasks[:20]} == {t: before[t] for t in tasks[:20]}
+        assert set(v2.values()) == {"b1", "b2"}
+        # no task (/tasks, the try-it page, v2 health): round-robin, both replicas
+        for path in ("/tasks", "/", "/static/app.js", "/v2/health/ready"):
+            assert {nginx.request("GET", path)[1]["backend"] for _ in range(6)} == {"b1", "b2"}, path
         status, body = nginx.request("GET", "/metrics")
         assert (status, body["error"]) == (404, "not_found")
         status, body = nginx.request("POST", "/tasks", headers={"Content-Length": str(600 << 20)})
