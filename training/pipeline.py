@@ -18,13 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from repadapter import Backbone, PreprocessConfig, Site, TaskBundle, attach_slots, build_transform
 from repadapter.errors import RepServeError, TaskExists
 
-from .batches import Transformed, eval_loader, extract_features, labels_of
+from .batches import Transformed, eval_loader, extract_features
 from .checkpoint import CHECKPOINT_FILE
 from .config import TrainConfig
 from .data import load_dataset
@@ -145,7 +144,7 @@ def train_trials(cfg: TrainConfig, rt: DeviceContext, p: Prepared, progress: boo
         if name:
             log.info("%sdone val_accuracy=%.4f seconds=%.1f", name, trials[-1].val_accuracy,
                      trials[-1].train_seconds)
-    best = pick_trial(trials, p.classes, labels_of(p.val_set))
+    best = pick_trial(trials, p.classes)
     if best is not trials[-1]:
         log.info("scale search: %s -> scale=%g", {t.scale: round(t.val_accuracy, 4) for t in trials}, best.scale)
         model = build_model(cfg, p.backbone, p.sites, len(p.classes), best.scale)
@@ -153,20 +152,24 @@ def train_trials(cfg: TrainConfig, rt: DeviceContext, p: Prepared, progress: boo
     return model, trials, best
 
 
-def pick_trial(trials: list[TrialResult], classes: list[str], val_labels: Tensor) -> TrialResult:
+def pick_trial(trials: list[TrialResult], classes: list[str]) -> TrialResult:
     """The trial with the best validation accuracy among those that did not collapse to one class (first of
-    equals, in grid order). A collapsed trial is named in a warning with its figures; when a scale search
-    has nothing else, it fails (a lone run is kept, with the warning)."""
+    equals, in grid order; :attr:`~training.trainer.TrialResult.collapse`: a model that predicts one class
+    for nearly every image *and* for nearly every image of the other classes, so a good model of a skewed
+    split is not one). A collapsed trial is named in a warning with its figures; when a scale search has
+    nothing else, it fails (a lone run is kept, with the warning)."""
     healthy = []
     for t in trials:
         if t.collapse is None:
             healthy.append(t)
             continue
         top, share = t.collapse
-        truth = (val_labels == top).float().mean().item()
+        total = sum(t.val_predicted)
+        truth = t.val_true[top] / total if top < len(t.val_true) else float("nan")
         log.warning("scale=%g collapsed: it predicts %r for %.1f%% of the %d validation images (%.1f%% of them are "
-                    "%r), val_accuracy=%.4f%s", t.scale, classes[top], 100 * share, len(val_labels), 100 * truth,
-                    classes[top], t.val_accuracy, "; never picked" if len(trials) > 1 else "")
+                    "%r) and for %.1f%% of the others, val_accuracy=%.4f%s", t.scale, classes[top], 100 * share,
+                    total, 100 * truth, classes[top], 100 * (t.others_called(top) or 0.0), t.val_accuracy,
+                    "; never picked" if len(trials) > 1 else "")
     if healthy:
         return max(healthy, key=lambda t: t.val_accuracy)
     if len(trials) > 1:

@@ -52,13 +52,16 @@ class EpochStats:
 
 
 COLLAPSE_SHARE = 0.95
-"""A model that gives one class to at least this share of the validation images has collapsed."""
+"""A model has collapsed onto a class when it gives that class to at least this share of the validation
+images *and* to at least this share of the validation images of the other classes (see
+:attr:`TrialResult.collapse`)."""
 
 
 @dataclass
 class TrialResult:
     """A finished trial: its history, the final trained state (CPU copies, see ``model.train_state``) and
-    how many validation images its final state gives to each class (``val_predicted[c]``)."""
+    its final state's validation counts per class ``c``: images it gives to ``c`` (``val_predicted[c]``),
+    images of ``c`` (``val_true[c]``) and images of ``c`` it gets right (``val_correct[c]``)."""
 
     scale: float
     history: list[EpochStats]
@@ -66,6 +69,8 @@ class TrialResult:
     resumed_at_epoch: int
     state: dict[str, Tensor] = field(repr=False)
     val_predicted: list[int] = field(default_factory=list)
+    val_true: list[int] = field(default_factory=list)
+    val_correct: list[int] = field(default_factory=list)
 
     @property
     def val_accuracy(self) -> float:
@@ -73,11 +78,29 @@ class TrialResult:
 
     @property
     def collapse(self) -> tuple[int, float] | None:
-        """``(class, share)`` when the final model predicts one class for (nearly) every validation image."""
+        """``(class, share)`` when the final model has collapsed onto one class: it gives that class to at
+        least :data:`COLLAPSE_SHARE` of the validation images (``share``) *and* to at least that share of the
+        images of the other classes (:meth:`others_called`), i.e. it recalls at most 5% of them.
+
+        The second condition tells a collapse from a skewed split: where one class really is 97% of the
+        images, a good model also predicts it for ~97% of them, but it recognises most of the other 3%; a
+        collapsed one (a model that ignores its input) does not (an input-blind guesser that answers the
+        class for 95% of the images also answers it for 95% of the others). A split holding one class only
+        cannot tell, and flags nothing.
+        """
         total = sum(self.val_predicted)
         top = max(range(len(self.val_predicted)), key=self.val_predicted.__getitem__, default=0)
         share = self.val_predicted[top] / total if total else 0.0
-        return (top, share) if share >= COLLAPSE_SHARE else None
+        called = self.others_called(top)
+        return (top, share) if share >= COLLAPSE_SHARE and called is not None and called >= COLLAPSE_SHARE else None
+
+    def others_called(self, c: int) -> float | None:
+        """The share of the validation images of the classes other than ``c`` that the model gives to ``c``
+        (``None`` when every image is of class ``c``; without true counts, every image counts as other)."""
+        true = self.val_true[c] if c < len(self.val_true) else 0
+        right = self.val_correct[c] if c < len(self.val_correct) else 0
+        others = sum(self.val_predicted) - true
+        return (self.val_predicted[c] - right) / others if others > 0 else None
 
     @property
     def train_seconds(self) -> float:
@@ -138,6 +161,8 @@ class Trainer:
         self.loss_weights, sample_weights = _balance(cfg, train_set, model.head.out_features)
         self.loss_weights = None if self.loss_weights is None else self.loss_weights.to(rt.device)
         self.val_predicted: list[int] | None = None
+        self.val_true: list[int] = []
+        self.val_correct: list[int] = []
         self.net: torch.nn.Module = model
         if rt.distributed:  # frozen BN statistics are identical everywhere: no buffer broadcast needed
             self.net = DistributedDataParallel(model, device_ids=[rt.device] if rt.device.type == "cuda" else None,
@@ -177,7 +202,8 @@ class Trainer:
         if self.val_predicted is None:  # resumed a finished trial: no epoch evaluated its final state here
             self.evaluate()
         state = {k: v.detach().to("cpu", copy=True) for k, v in train_state(self.module, self.cfg.method).items()}
-        return TrialResult(self.scale, self.history, self.step, resumed_at, state, self.val_predicted or [])
+        return TrialResult(self.scale, self.history, self.step, resumed_at, state, self.val_predicted or [],
+                           self.val_true, self.val_correct)
 
     def _train_epoch(self) -> EpochStats:
         cfg, rt = self.cfg, self.rt
@@ -221,13 +247,16 @@ class Trainer:
                           val_loss, val_acc, seconds, time.perf_counter() - start, n / seconds)
 
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss and accuracy of the current model (eval mode, sharded over processes); records how
-        many images it gives each class (``val_predicted``, summed over processes)."""
+        """Validation loss and accuracy of the current model (eval mode, sharded over processes); records per
+        class the images it gives that class, the images of that class and those it gets right
+        (``val_predicted``, ``val_true``, ``val_correct``: summed over processes)."""
         self.module.eval()
         logits, labels = predict(self.module, self.val_loader, self.rt, f"{self.name}validation",
                                  progress=self.progress, level=logging.DEBUG)
-        counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).tolist()
-        self.val_predicted = [round(c) for c in self.rt.sum(counts)]
+        n, predicted = logits.shape[1], logits.argmax(1)
+        counts = [torch.bincount(t, minlength=n).tolist() for t in (predicted, labels, labels[predicted == labels])]
+        summed = [round(c) for c in self.rt.sum([c for per_class in counts for c in per_class])]
+        self.val_predicted, self.val_true, self.val_correct = summed[:n], summed[n:2 * n], summed[2 * n:]
         return loss_and_accuracy(logits, labels, self.rt)
 
     # ---- checkpoints ----------------------------------------------------------------------------------

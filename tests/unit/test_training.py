@@ -220,36 +220,87 @@ def test_evaluation_passes_show_progress_and_log_their_duration(capsys, caplog):
 # --- trial choice -------------------------------------------------------------------------------------
 
 
-def _trial(scale: float, val_accuracy: float, predicted: list[int]) -> TrialResult:
+def _trial(scale: float, predicted: list[int], true: list[int], correct: list[int]) -> TrialResult:
+    """A finished trial with these validation counts per class (its accuracy follows from them)."""
     from training.trainer import EpochStats
 
-    stats = EpochStats(1, 1, 1e-3, 1.0, 0.5, 1.0, val_accuracy, 1.0, 0.1, 10.0)
-    return TrialResult(scale, [stats], 1, 0, {}, predicted)
+    stats = EpochStats(1, 1, 1e-3, 1.0, 0.5, 1.0, sum(correct) / sum(true), 1.0, 0.1, 10.0)
+    return TrialResult(scale, [stats], 1, 0, {}, predicted, true, correct)
 
 
 def test_a_collapsed_trial_is_named_and_never_picked(caplog):
-    val_labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
-    collapsed = _trial(10.0, 0.60, [100, 0, 0])  # everything is class 0: 60% accuracy, the best figure
-    nearly = _trial(5.0, 0.59, [96, 4, 0])  # 96% one class: collapsed too (threshold 95%)
-    healthy = _trial(1.0, 0.55, [50, 35, 15])
+    truth = [60, 30, 10]
+    collapsed = _trial(10.0, [100, 0, 0], truth, [60, 0, 0])  # everything is class 0: 60% accuracy, the best
+    nearly = _trial(5.0, [98, 2, 0], truth, [60, 2, 0])  # 98% class 0, and 38 of the 40 others (95%): collapsed
+    leaning = _trial(2.0, [97, 3, 0], truth, [60, 3, 0])  # 97% class 0 but only 37 of 40 others (92.5%)
+    healthy = _trial(1.0, [50, 35, 15], truth, [45, 28, 8])
     assert collapsed.collapse == (0, 1.0)
-    assert nearly.collapse == (0, 0.96)
+    assert nearly.collapse == (0, 0.98)
+    assert leaning.collapse is None
     assert healthy.collapse is None
     with caplog.at_level(logging.WARNING, logger="training.pipeline"):
-        assert pick_trial([collapsed, nearly, healthy], ["a", "b", "c"], val_labels) is healthy
+        assert pick_trial([collapsed, nearly, healthy], ["a", "b", "c"]) is healthy
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2
-    assert "scale=10 collapsed: it predicts 'a' for 100.0% of the 100 validation images (60.0% of them" in warnings[0]
-    assert "val_accuracy=0.6000; never picked" in warnings[0]
-    assert "scale=5 collapsed: it predicts 'a' for 96.0%" in warnings[1]
+    assert warnings[0] == ("scale=10 collapsed: it predicts 'a' for 100.0% of the 100 validation images (60.0% of "
+                           "them are 'a') and for 100.0% of the others, val_accuracy=0.6000; never picked")
+    assert "scale=5 collapsed: it predicts 'a' for 98.0% of the 100 validation images (60.0% of them are 'a') " \
+           "and for 95.0% of the others" in warnings[1]
     with pytest.raises(ValueError, match=r"every --search-scale trial \(10, 5\) collapsed"):
-        pick_trial([collapsed, nearly], ["a", "b", "c"], val_labels)
-    assert pick_trial([collapsed], ["a", "b", "c"], val_labels) is collapsed  # a lone run: kept, with the warning
+        pick_trial([collapsed, nearly], ["a", "b", "c"])
+    assert pick_trial([collapsed], ["a", "b", "c"]) is collapsed  # a lone run: kept, with the warning
+
+
+def test_a_good_model_of_a_skewed_split_is_not_collapsed(caplog):
+    """Class 0 is 97% of the validation images: a good model predicts it for ~97% of them too, but it finds most
+    of the other 3%; the collapsed one finds none (and wins on plain accuracy)."""
+    truth = [970, 30]
+    good = _trial(1.0, [955, 45], truth, [945, 20])  # 95.5% class 0; 20 of the 30 others found; accuracy 0.965
+    collapsed = _trial(10.0, [1000, 0], truth, [970, 0])  # accuracy 0.970
+    blind = _trial(5.0, [999, 1], truth, [970, 1])  # finds 1 of the 30 others: 29/30 = 96.7% called class 0
+    assert good.collapse is None
+    assert good.others_called(0) == pytest.approx(10 / 30)
+    assert collapsed.collapse == (0, 1.0)
+    assert blind.collapse == (0, 0.999)
+    assert min(collapsed.val_accuracy, blind.val_accuracy) > good.val_accuracy  # what accuracy alone would pick
+    with caplog.at_level(logging.WARNING, logger="training.pipeline"):
+        assert pick_trial([collapsed, blind, good], ["a", "b"]) is good
+    assert len(caplog.records) == 2
+    assert "(97.0% of them are 'a') and for 96.7% of the others" in caplog.records[1].getMessage()
+    assert pick_trial([good], ["a", "b"]) is good  # the lone skewed run: no warning either
+    assert len(caplog.records) == 2
+    only = _trial(1.0, [50, 0], [50, 0], [50, 0])  # one class only: nothing tells a collapse, none flagged
+    assert only.collapse is None
+
+
+def test_trainer_records_the_counts_that_tell_a_skewed_split_from_a_collapse(tmp_path):
+    """A real (tiny, linear) training run on a 95/5 validation split: it learns the minority class, so its
+    final model predicts class 0 for 95% of the images and is not collapsed (the old share-only rule said it was)."""
+    from training.device import DeviceContext
+    from training.trainer import Trainer
+
+    def points(n0: int, n1: int, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.tensor([0] * n0 + [1] * n1)
+        x = torch.where(y[:, None] == 0, torch.tensor([3.0, -3.0]), torch.tensor([-3.0, 3.0]))
+        return TensorDataset(x + 0.3 * torch.randn(len(y), 2, generator=g), y)
+
+    cfg = TrainConfig(data="x", task="t", method="linear", epochs=4, batch_size=8, lr=0.1, warmup_epochs=0)
+    trainer = Trainer(cfg, DeviceContext(torch.device("cpu")), TaskModel(None, 2, 2), points(16, 16, 0),
+                      points(38, 2, 1), 1.0, tmp_path / "ckpt.safetensors")
+    trial = trainer.fit()
+    assert trial.val_true == [38, 2]
+    assert trial.val_predicted == [38, 2]
+    assert trial.val_correct == [38, 2]
+    assert trial.val_accuracy == 1.0
+    assert trial.collapse is None  # 95% class 0, as the split is
+    assert pick_trial([trial, _trial(2.0, [40, 0], [38, 2], [38, 0])], ["a", "b"]) is trial
 
 
 def test_best_trial_is_the_first_of_equals():
-    trials = [_trial(0.1, 0.5, [5, 5]), _trial(1.0, 0.7, [6, 4]), _trial(10.0, 0.7, [4, 6])]
-    assert pick_trial(trials, ["a", "b"], torch.tensor([0, 1] * 5)).scale == 1.0
+    trials = [_trial(0.1, [5, 5], [5, 5], [2, 3]), _trial(1.0, [6, 4], [5, 5], [4, 3]),
+              _trial(10.0, [4, 6], [5, 5], [3, 4])]
+    assert pick_trial(trials, ["a", "b"]).scale == 1.0
 
 
 # --- registration -------------------------------------------------------------------------------------
