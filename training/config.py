@@ -141,17 +141,31 @@ class TrainConfig(BaseModel):
         return {**self.model_dump(mode="json", include=set(RESUME_KEYS)), "scale": scale}
 
     def command_line(self, **changes: Any) -> str:
-        """The ``python -m training`` command of this configuration with ``changes``, without the token."""
+        """The ``python -m training`` command of this configuration with ``changes``, without the token.
+
+        Written in the flags of ``cli.config_flags`` (pydantic-settings' CLI source), so it parses back to the
+        same configuration: only fields away from their default, kebab-case names (aliases win:
+        ``--register``), ``--x``/``--no-x`` for booleans, ``null`` for None, comma lists for tuples, floats
+        in their shortest exact form.
+        """
         args = ["python", "-m", "training"]
         dumped = self.model_copy(update=changes).model_dump(mode="json", exclude_defaults=True, by_alias=True)
         for name, value in dumped.items():
             flag = "--" + name.replace("_", "-")
-            if isinstance(value, list):
-                args += [flag, ",".join(f"{v:g}" for v in value)]
-            else:
-                args += [flag] if value is True else [flag, str(value)]
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+                continue
+            text = ",".join(map(_flag_value, value)) if isinstance(value, list) else _flag_value(value)
+            args += [f"{flag}={text}"] if text.startswith("-") else [flag, text]  # --seed=-1: not a flag
         return shlex.join(args)
 
     def public_dict(self) -> dict[str, Any]:
         """The configuration for reports: JSON-able, without the token."""
         return self.model_dump(mode="json")
+
+
+def _flag_value(value: object) -> str:
+    """One value as the CLI source reads it back: ``null`` for None, floats exact but without a trailing ``.0``."""
+    if value is None:
+        return "null"
+    return repr(value).removesuffix(".0") if isinstance(value, float) else str(value)

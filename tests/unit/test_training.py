@@ -89,6 +89,53 @@ def test_command_line_reproduces_the_config_without_the_token():
     assert again == cfg.model_copy(update={"resume": True, "token": None})  # the same run, token aside
 
 
+def _parse(argv: list[str], model: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """The configuration ``python -m training`` builds from ``argv`` (its parser, any TrainConfig subclass)."""
+    from pydantic_settings import CliSettingsSource
+
+    parser = argparse.ArgumentParser()
+    source = config_flags(parser) if model is TrainConfig else CliSettingsSource(
+        model, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True, cli_hide_none_type=True)
+    return model(**source(parsed_args=parser.parse_args(argv))())
+
+
+def test_command_line_parses_back_to_every_field():
+    """Every field away from its default (None over a default, tuples, bools, the --register alias, a negative
+    number, an exact float) survives the printed command; a new field must join this list."""
+    changed = dict(data="-odd dir", task="t-1", store="s3://b/p", backbone="vit_tiny_patch16_224",
+                   checkpoint=Path("/w/b.safetensors"), method="repadapter", epochs=3, max_steps=7, warmup_epochs=0.5,
+                   warmup_lr=1e-9, min_lr=0.0, batch_size=16, lr=0.00123456789, weight_decay=0.05, hidden=4, groups=4,
+                   scale=0.3, search_scale=True, scale_grid=(0.25, 3.0), balance="sampler", class_mix=(5.0, 0.0, 1.5),
+                   dropout=0.0, drop_path=0.2, placement="attn", image_size=96, n_train=None, n_val=10, n_test=None,
+                   seed=-1, out_dir=Path("/tmp/run dir"), resume=True, overwrite=True, register_url="http://h:1/x",
+                   device="cpu", amp="bf16", workers=2)
+    assert set(TrainConfig.model_fields) - set(changed) == {"token"}
+    cfg = TrainConfig(**changed, token="s3cret")
+    at_default = [k for k, f in TrainConfig.model_fields.items() if k in changed and getattr(cfg, k) == f.default]
+    assert at_default == ["method"]  # --search-scale needs method repadapter
+    argv = shlex.split(cfg.command_line())
+    assert "s3cret" not in argv
+    assert {"--n-train", "null", "--seed=-1", "--data=-odd dir", "--register", "--resume", "--overwrite"} <= set(argv)
+    assert _parse(argv[3:]) == cfg.model_copy(update={"token": None})
+    plain = TrainConfig(data="mnist", task="t")
+    assert shlex.split(plain.command_line()) == ["python", "-m", "training", "--data", "mnist", "--task", "t"]
+    assert _parse(shlex.split(cfg.command_line(resume=False, n_train=800))[3:]) == cfg.model_copy(
+        update={"token": None, "resume": False, "n_train": 800})  # back at the default: left out
+
+
+def test_command_line_writes_a_bool_that_defaults_to_true_as_no_flag():
+    from pydantic import Field
+
+    class WithVerify(TrainConfig):
+        verify: bool = Field(True, description="a flag on by default")
+
+    cfg = WithVerify(data="mnist", task="t", verify=False, resume=True)
+    argv = shlex.split(cfg.command_line())
+    assert argv[3:] == ["--data", "mnist", "--task", "t", "--resume", "--no-verify"]
+    assert _parse(argv[3:], WithVerify) == cfg
+    assert "verify" not in WithVerify(data="mnist", task="t").command_line()
+
+
 def test_help_documents_every_agreed_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
