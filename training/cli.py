@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None, prog: str = _PROG) -> int:
     demo, progress = args.demo, args.progress
     _setup_logging(args.log_level)
     opts = source(parsed_args=args)()
-    if opts.get("register") and "token" not in opts and os.environ.get("REPSERVE_ADMIN_TOKEN"):
-        opts["token"] = os.environ["REPSERVE_ADMIN_TOKEN"]
+    if opts.get("register") and "token" not in opts:  # the repserve client's variable, then the server's own
+        opts["token"] = os.environ.get("REPSERVE_TOKEN") or os.environ.get("REPSERVE_ADMIN_TOKEN")
     try:
         if demo:
             if {"data", "task"} & opts.keys():

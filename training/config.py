@@ -88,7 +88,8 @@ class TrainConfig(BaseModel):
     register_url: str | None = Field(None, alias="register", description="POST the bundle to a running service "
                                                                          "at this base URL instead of writing --store")
     token: str | None = Field(None, exclude=True, repr=False,
-                              description="bearer token for --register (default: $REPSERVE_ADMIN_TOKEN)")
+                              description="bearer token for --register (default: $REPSERVE_TOKEN, else "
+                                          "$REPSERVE_ADMIN_TOKEN)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     amp: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="mixed precision on CUDA (auto: "
                                                                              "bf16, else fp16); CPU runs fp32")

@@ -47,7 +47,20 @@ RETRY_STATUSES = frozenset({429, 503})
 RETRY_ATTEMPTS = 5
 RETRY_WAIT_CAP_S = 30.0
 CHECK_TIMEOUT_S = 10.0
-TOKEN_FLAGS = "--token or $REPSERVE_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class Hints:
+    """How the caller's user gives the service's URL and admin token, as the registration errors name them
+    ("check {url}", "pass {token}"). The defaults are ``python -m training``'s flags; another command line
+    that registers through this module passes its own (e.g. ``Hints(url="--url", token="$REPSERVE_TOKEN or
+    $REPSERVE_ADMIN_TOKEN")``)."""
+
+    url: str = "--register"
+    token: str = "--token or $REPSERVE_ADMIN_TOKEN"
+
+
+TRAINING_HINTS = Hints()
 
 
 class RegisterError(RepServeError):
@@ -130,10 +143,11 @@ def ensure_absent(store: str | Path, task: str, *, overwrite: bool) -> None:
 
 
 def publish(bundle: TaskBundle, *, store: str | Path, register_url: str | None = None, token: str | None = None,
-            overwrite: bool = False) -> dict[str, Any]:
-    """Write the bundle into ``store`` (atomic) or POST it to ``register_url``; returns where it went."""
+            overwrite: bool = False, hints: Hints = TRAINING_HINTS) -> dict[str, Any]:
+    """Write the bundle into ``store`` (atomic) or POST it to ``register_url``; returns where it went.
+    ``hints``: how the caller's user gives the URL and token (named in registration errors)."""
     if register_url:
-        stored = register(bundle, register_url, token, overwrite=overwrite)
+        stored = register(bundle, register_url, token, overwrite=overwrite, hints=hints)
         return {"registered": register_url, "name": stored.get("name", bundle.name), "version": stored.get("version")}
     manifest = open_store(store).put(bundle, overwrite=overwrite)
     return {"store": str(store), "name": manifest.name, "version": manifest.version}
@@ -154,16 +168,16 @@ def _retry_after(response: httpx.Response) -> float:
 
 
 def request(method: str, url: str, token: str | None, *, timeout_s: float = CHECK_TIMEOUT_S,
-            **kwargs: object) -> httpx.Response:
+            hints: Hints = TRAINING_HINTS, **kwargs: object) -> httpx.Response:
     """One HTTP request to the service, retried on 429/503 after their ``Retry-After`` (at most
-    :data:`RETRY_ATTEMPTS` tries); an unreachable server is a :class:`RegisterError` naming ``--register``."""
+    :data:`RETRY_ATTEMPTS` tries); an unreachable server is a :class:`RegisterError` naming ``hints.url``."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     attempt = 1
     while True:
         try:
             response = httpx.request(method, url, headers=headers, timeout=timeout_s, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as e:
-            raise RegisterError(f"cannot reach the service at {url} ({type(e).__name__}: {e}): check --register "
+            raise RegisterError(f"cannot reach the service at {url} ({type(e).__name__}: {e}): check {hints.url} "
                                 "and that the server is running") from e
         if response.status_code not in RETRY_STATUSES or attempt == RETRY_ATTEMPTS:
             return response
@@ -188,20 +202,22 @@ def _base(url: str) -> str:
     return url.rstrip("/").removesuffix("/tasks")
 
 
-def check_registration(url: str, token: str | None, task: str, *, overwrite: bool) -> None:
+def check_registration(url: str, token: str | None, task: str, *, overwrite: bool,
+                       hints: Hints = TRAINING_HINTS) -> None:
     """Before any training: the service answers, accepts the token for registration, and ``task`` is free
-    (or ``overwrite``). Each failure is a :class:`RegisterError` (or :class:`TaskExists`) naming the flag.
+    (or ``overwrite``). Each failure is a :class:`RegisterError` (or :class:`TaskExists`) naming the flag
+    (``hints``: how the caller's user gives the URL and token).
 
     The token is tried on ``POST /tasks`` without a body: the admin check runs before the body is read, so
     an accepted token gets 422 (no bundle) and nothing is written; a missing one 401, a wrong one 403.
     """
     base = _base(url)
-    health = request("GET", f"{base}/healthz", token)
+    health = request("GET", f"{base}/healthz", token, hints=hints)
     if health.status_code != 200:
         raise RegisterError(f"the service at {base} is not healthy: GET /healthz answered {health.status_code} "
-                            f"({_detail(health)}); check --register")
-    _check_token(base, token)
-    existing = request("GET", f"{base}/tasks/{task}", token)
+                            f"({_detail(health)}); check {hints.url}")
+    _check_token(base, token, hints)
+    existing = request("GET", f"{base}/tasks/{task}", token, hints=hints)
     if existing.status_code == 200 and not overwrite:
         raise TaskExists(f"task {task!r} is already registered at {base} (version "
                          f"{existing.json().get('version')}): pass --overwrite to publish the new one as its next "
@@ -211,43 +227,44 @@ def check_registration(url: str, token: str | None, task: str, *, overwrite: boo
     log.info("registration checked url=%s task=%s exists=%s", base, task, existing.status_code == 200)
 
 
-def _check_auth(base: str, response: httpx.Response) -> None:
+def _check_auth(base: str, response: httpx.Response, hints: Hints) -> None:
     """401/403 from a management route: the admin token is missing or wrong."""
     if response.status_code == 401:
-        raise RegisterError(f"{base} needs an admin token to register tasks: pass {TOKEN_FLAGS}")
+        raise RegisterError(f"{base} needs an admin token to register tasks: pass {hints.token}")
     if response.status_code == 403:
-        raise RegisterError(f"{base} refused the admin token ({_detail(response)}): check {TOKEN_FLAGS}")
+        raise RegisterError(f"{base} refused the admin token ({_detail(response)}): check {hints.token}")
 
 
-def _check_token(base: str, token: str | None) -> None:
+def _check_token(base: str, token: str | None, hints: Hints) -> None:
     """``POST /tasks`` without a body: 422 (no bundle) once the admin check has passed; nothing is written."""
-    probe = request("POST", f"{base}/tasks", token)
-    _check_auth(base, probe)
+    probe = request("POST", f"{base}/tasks", token, hints=hints)
+    _check_auth(base, probe, hints)
     if probe.status_code in RETRY_STATUSES:
         raise RegisterError(f"the service at {base} is not ready after {RETRY_ATTEMPTS} tries ({_detail(probe)}): "
                             "start training when GET /readyz answers 200")
     if probe.status_code not in (415, 422):
         raise RegisterError(f"{base} does not look like a RepServe service: POST /tasks answered "
-                            f"{probe.status_code} ({_detail(probe)}); check --register")
+                            f"{probe.status_code} ({_detail(probe)}); check {hints.url}")
 
 
 def register(bundle: TaskBundle, url: str, token: str | None, *, overwrite: bool = False,
-             timeout_s: float = 60.0) -> dict[str, Any]:
+             timeout_s: float = 60.0, hints: Hints = TRAINING_HINTS) -> dict[str, Any]:
     """``POST {url}/tasks`` (multipart ``manifest`` + ``tensors``); returns the stored manifest (JSON).
 
     ``url`` is the service's base URL (a URL already ending in ``/tasks`` is used as is). 409 raises
-    :class:`TaskExists` (naming ``--overwrite``), any other status but 201 :class:`RegisterError`.
+    :class:`TaskExists` (naming ``--overwrite``), any other status but 201 :class:`RegisterError` (naming
+    ``hints``: how the caller's user gives the URL and token; the defaults are ``python -m training``'s).
     """
     endpoint = f"{_base(url)}/tasks"
     manifest_bytes, tensor_bytes = bundle.serialize()
     files = {"manifest": ("manifest.json", manifest_bytes, "application/json"),
              "tensors": ("adapter.safetensors", tensor_bytes, "application/octet-stream")}
-    response = request("POST", endpoint, token, timeout_s=timeout_s, files=files,
+    response = request("POST", endpoint, token, timeout_s=timeout_s, hints=hints, files=files,
                        params={"overwrite": str(overwrite).lower()})
     if response.status_code == 409:
         raise TaskExists(f"task {bundle.name!r} is already registered at {endpoint} ({_detail(response)}): pass "
                          "--overwrite to publish it as its next version")
-    _check_auth(_base(url), response)
+    _check_auth(_base(url), response, hints)
     if response.status_code != 201:
         raise RegisterError(f"{endpoint} answered {response.status_code}: {_detail(response)}")
     log.info("registered task=%s at %s", bundle.name, endpoint)

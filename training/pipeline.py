@@ -287,7 +287,7 @@ def _publish(cfg: TrainConfig, bundle: TaskBundle, checkpoint: Path) -> dict[str
     except (RepServeError, OSError, ValueError) as e:
         exists = isinstance(e, TaskExists)
         command = cfg.command_line(resume=True, overwrite=cfg.overwrite or exists)
-        token = " (with the same token: --token or $REPSERVE_ADMIN_TOKEN)" if cfg.token else ""
+        token = " (with the same token: --token, $REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN)" if cfg.token else ""
         raise PublishError(f"training succeeded but publishing failed: {e}. The trained model is kept in "
                            f"{checkpoint} and its figures in {cfg.run_dir / REPORT_FILE}; this publishes it "
                            f"without training again{token}:\n  {command}") from e

@@ -30,14 +30,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repadapter import LocalStore, TaskBundle, WeightSwitcher, attach_slots, load_backbone
+from repadapter import (
+    AdapterConfig,
+    BackboneRef,
+    LocalStore,
+    Manifest,
+    PreprocessConfig,
+    TaskBundle,
+    WeightSwitcher,
+    attach_slots,
+    load_backbone,
+)
 from repadapter.errors import CheckpointError
 from repadapter.preprocess import preprocess_batch
 from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from training.cli import config_flags, main
 from training.config import TrainConfig
 from training.data import FASHION_MNIST_DIR, load_dataset
-from training.export import RegisterError, check_registration
+from training.export import Hints, RegisterError, check_registration, publish, register
 from training.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,12 +311,16 @@ def test_torchrun_two_processes_match_one(adapter_run, tmp_path):
 class _Service(BaseHTTPRequestHandler):
     """A stand-in for the service's task API: ``GET /healthz``, ``GET /tasks/{name}`` (known once registered)
     and ``POST /tasks`` (no body: 422, as the service answers an accepted token; a bundle: parsed, recorded,
-    answered ``status``). ``queued`` statuses are answered first to any request, with ``Retry-After: 1``."""
+    answered ``status``). ``queued`` statuses are answered first to any request, with ``Retry-After: 1``.
+    With ``token`` set, ``POST /tasks`` answers 401 without a bearer token and 403 with another one; every
+    request's ``Authorization`` header is kept in ``auths``."""
 
     received: ClassVar[list[dict[str, Any]]] = []
     requests: ClassVar[list[str]] = []
+    auths: ClassVar[list[str | None]] = []
     status: ClassVar[int] = 201
     queued: ClassVar[list[int]] = []
+    token: ClassVar[str | None] = None
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         self.send_response(status)
@@ -318,6 +332,7 @@ class _Service(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.requests.append(f"GET {self.path}")
+        self.auths.append(self.headers.get("Authorization"))
         name = self.path.removeprefix("/tasks/")
         if self.queued:
             self._reply(self.queued.pop(0), {"error": "not_ready", "detail": "later"})
@@ -330,9 +345,13 @@ class _Service(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.requests.append(f"POST {self.path}")
+        self.auths.append(self.headers.get("Authorization"))
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if self.queued:
             return self._reply(self.queued.pop(0), {"error": "queue_full", "detail": "later"})
+        if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+            missing = self.headers.get("Authorization") is None
+            return self._reply(401 if missing else 403, {"error": "unauthorized", "detail": "admin token"})
         if not body:
             return self._reply(422, {"error": "malformed_request", "detail": "got none"})
         header = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
@@ -350,7 +369,8 @@ class _Service(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def service() -> Iterator[tuple[str, type[_Service]]]:
-    _Service.received, _Service.requests, _Service.status, _Service.queued = [], [], 201, []
+    _Service.received, _Service.requests, _Service.auths, _Service.status, _Service.queued = [], [], [], 201, []
+    _Service.token = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Service)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -409,6 +429,63 @@ def test_registration_waits_for_retry_after(service):
     assert recorder.requests.count("GET /healthz") == 3 + 5
 
 
+def _probe_bundle(name: str) -> TaskBundle:
+    """A tiny linear bundle: what the service does with it does not matter to the stand-in."""
+    manifest = Manifest(name=name, labels=["a", "b"], method="linear", adapter=AdapterConfig(hidden=0),
+                        backbone=BackboneRef(arch="x", fingerprint="f"), preprocess=PreprocessConfig())
+    return TaskBundle(manifest, {}, torch.zeros(2, 4), torch.zeros(2))
+
+
+def test_registration_errors_name_how_the_caller_gives_url_and_token(service):
+    """The training CLI's flags by default; ``repserve tasks register`` / ``import-official --url`` pass theirs."""
+    url, recorder = service
+    recorder.token = "right"
+    client = Hints(url="--url", token="$REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for token, words in ((None, "needs an admin token to register tasks: pass"),
+                         ("wrong", "refused the admin token (admin token): check")):
+        with pytest.raises(RegisterError) as default:
+            register(_probe_bundle("p"), url, token)
+        assert f"{words} --token or $REPSERVE_ADMIN_TOKEN" in str(default.value)
+        with pytest.raises(RegisterError) as theirs:
+            publish(_probe_bundle("p"), store="unused", register_url=url, token=token, hints=client)
+        assert f"{words} $REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN" in str(theirs.value)
+        assert "--token" not in str(theirs.value)
+        with pytest.raises(RegisterError, match=r"check \$REPSERVE_TOKEN|pass \$REPSERVE_TOKEN"):
+            check_registration(url, token, "p", overwrite=False, hints=client)
+    with pytest.raises(RegisterError, match="check --register and that the server is running"):
+        register(_probe_bundle("p"), nowhere, "right")
+    with pytest.raises(RegisterError, match="check --url and that the server is running") as unreachable:
+        register(_probe_bundle("p"), nowhere, "right", hints=client)
+    assert "--register" not in str(unreachable.value)
+    assert register(_probe_bundle("p"), url, "right", hints=client)["version"] == 7
+    assert recorder.received[-1]["auth"] == "Bearer right"
+
+
+def test_register_reads_repserve_token_then_the_admin_token(service, monkeypatch, caplog):
+    """``--register`` without ``--token`` (``repserve train --register``): $REPSERVE_TOKEN, else
+    $REPSERVE_ADMIN_TOKEN. The task exists, so each run stops after the token check, before any data."""
+    url, recorder = service
+    recorder.token = "client"
+    recorder.received.append({"name": "taken", "status": 201})  # GET /tasks/taken: 200
+    argv = ["--data", "digits", "--task", "taken", "--method", "linear", "--register", url, "--no-progress"]
+    monkeypatch.setenv("REPSERVE_TOKEN", "client")
+    monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", "admin")
+    assert main(argv, prog="repserve train") == 1
+    assert "already registered" in caplog.text  # the token passed the POST /tasks check
+    assert set(recorder.auths) == {"Bearer client"}
+    monkeypatch.delenv("REPSERVE_TOKEN")
+    recorder.token, recorder.auths = "admin", []
+    assert main(argv, prog="repserve train") == 1
+    assert set(recorder.auths) == {"Bearer admin"}
+    recorder.auths = []
+    assert main([*argv, "--token", "flag"], prog="repserve train") == 1  # the flag wins
+    assert set(recorder.auths) == {"Bearer flag"}
+    assert "refused the admin token" in caplog.text
+
+
 def test_publish_failure_exits_3_and_its_resume_command_publishes(folder, service, tmp_path, caplog, capsys):
     """Training succeeds, the service refuses the bundle: exit 3, the checkpoint kept, and the command printed
     publishes it without training again."""
@@ -438,6 +515,7 @@ def test_register_with_a_real_service(start_server, tmp_path, capsys, caplog, mo
     """--register against the real service process: 201; then, before any training, an existing name without
     --overwrite, no token, a wrong token and an unreachable server are refused, each naming its flag."""
     monkeypatch.delenv("REPSERVE_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("REPSERVE_TOKEN", raising=False)
     server = start_server(tmp_path / "served", "--admin-token", REGISTER_TOKEN, "--store-poll-s", "0",
                           "--torch-threads", "1", "--log-level", "warning")
     argv = ["--data", "digits", "--task", "reg", "--method", "linear", "--image-size", "48", "--n-train", "100",
