@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__, classify, importer, tasks
-from .client import DEFAULT_URL, TOKEN_ENV, URL_ENV, ClientError
+from .client import DEFAULT_URL, ClientError, MissingExtra, env_names
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 DESCRIPTION = ("RepServe: many vision tasks served from one frozen backbone. One command for the server, training, "
                "the HTTP API and official RepAdapter checkpoints; `repserve COMMAND --help` for each.")
-EPILOG = f"""exit codes:
+EPILOG = """exit codes:
   0    success
   1    failure: one line on stderr (for server errors, the server's error code and detail)
   2    bad usage (unknown command or flag, invalid value)
@@ -30,8 +30,8 @@ EPILOG = f"""exit codes:
   130  interrupted (Ctrl-C)
 
 environment:
-  {URL_ENV}    server base URL of the client commands (default: {DEFAULT_URL})
-  {TOKEN_ENV}  bearer token of the client commands (fallback: REPSERVE_ADMIN_TOKEN for
+  {url_env}    server base URL of the client commands (default: {default_url})
+  {token_env}  bearer token of the client commands (fallback: REPSERVE_ADMIN_TOKEN for
                   register/delete/import, REPSERVE_CLASSIFY_TOKEN then REPSERVE_ADMIN_TOKEN for
                   classify/list/show); never printed, never taken from the command line
   REPSERVE_*      every server setting (repserve serve --help lists them)
@@ -41,7 +41,7 @@ examples:
   repserve train --data fashion-mnist --task fashion --image-size 96
   repserve classify cat.jpg --task imagenet
   repserve tasks list --json
-  repserve tasks register runs/fashion/bundle --overwrite
+  repserve tasks register adapters_store/fashion/v000001 --overwrite
   repserve import-official dtd.pt --scale 10 --task dtd --backbone-checkpoint vit-b16.safetensors
   repserve bench --quick
 
@@ -75,8 +75,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def _missing(extra: str, e: ImportError) -> int:
-    sys.stderr.write(f"repserve {extra}: needs the {extra!r} extra ({e.name or e} is missing): "
-                     f"pip install 'repserve[{extra}]'\n")
+    sys.stderr.write(f"repserve {extra}: {MissingExtra(extra, e)}\n")
     return EXIT_FAILURE
 
 
@@ -89,7 +88,11 @@ DELEGATED: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repserve", description=DESCRIPTION, epilog=EPILOG,
+    """The parser of every command but the delegated ones; raises :class:`~repserve.client.MissingExtra` on an
+    install without the serve extra (the client's variables are defined in :mod:`service.settings`)."""
+    url_env, token_env = env_names()
+    epilog = EPILOG.format(url_env=url_env, token_env=token_env, default_url=DEFAULT_URL)
+    parser = argparse.ArgumentParser(prog="repserve", description=DESCRIPTION, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"repserve {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -107,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["serve", *argv]  # `repserve --port 8000`: the server, as the console script always did
     if argv[0] in DELEGATED:
         return DELEGATED[argv[0]][0](argv[1:])
-    parser = build_parser()
+    if argv[0] == "--version":
+        print(f"repserve {__version__}")
+        return 0
+    try:
+        parser = build_parser()
+    except ClientError as e:  # a core-only install: no pydantic-settings (the serve extra)
+        sys.stderr.write(f"repserve: {e}\n")
+        return EXIT_FAILURE
     args = parser.parse_args(argv)
     command = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")

@@ -13,9 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.settings import CLIENT_TOKEN_ENV as TOKEN_ENV
-from service.settings import CLIENT_URL_ENV as URL_ENV
-
 if TYPE_CHECKING:
     import httpx
 
@@ -27,10 +24,29 @@ class ClientError(Exception):
     """A request failed (connection, HTTP status); the message is the one line printed."""
 
 
+class MissingExtra(ClientError):
+    """An optional dependency is not installed: one line naming the extra that brings it."""
+
+    def __init__(self, extra: str, e: ImportError) -> None:
+        super().__init__(f"needs the {extra!r} extra ({e.name or e} is missing): pip install 'repserve[{extra}]'")
+
+
+def env_names() -> tuple[str, str]:
+    """The client's variables, ``(REPSERVE_URL, REPSERVE_TOKEN)``: defined once, in :mod:`service.settings`
+    (the server knows them, so exporting them does not make it warn). Imported on use: that module needs
+    pydantic-settings (the serve extra), which a core-only install lacks."""
+    try:
+        from service.settings import CLIENT_TOKEN_ENV, CLIENT_URL_ENV
+    except ImportError as e:
+        raise MissingExtra("serve", e) from e
+    return CLIENT_URL_ENV, CLIENT_TOKEN_ENV
+
+
 def add_client_options(parser: argparse.ArgumentParser) -> None:
     """``--url``, ``--json`` and ``--timeout``: the options every client command shares."""
-    parser.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
-                        help=f"server base URL (default: ${URL_ENV} or {DEFAULT_URL})")
+    url_env, _ = env_names()
+    parser.add_argument("--url", default=os.environ.get(url_env, DEFAULT_URL),
+                        help=f"server base URL (default: ${url_env} or {DEFAULT_URL})")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer instead of a table")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default: 60)")
 
@@ -39,7 +55,8 @@ def token_from_env(admin: bool, environ: Mapping[str, str] = os.environ) -> str 
     """``$REPSERVE_TOKEN``, else the server's own variable for the role: ``REPSERVE_ADMIN_TOKEN`` for
     management; ``REPSERVE_CLASSIFY_TOKEN`` then ``REPSERVE_ADMIN_TOKEN`` (which the server also accepts)
     for classification and reads. Operators who run the client next to the server have those set already."""
-    names = [TOKEN_ENV, "REPSERVE_ADMIN_TOKEN"] if admin else [TOKEN_ENV, "REPSERVE_CLASSIFY_TOKEN",
+    token_env = env_names()[1]
+    names = [token_env, "REPSERVE_ADMIN_TOKEN"] if admin else [token_env, "REPSERVE_CLASSIFY_TOKEN",
                                                                "REPSERVE_ADMIN_TOKEN"]
     return next((environ[n] for n in names if environ.get(n)), None)
 
@@ -64,16 +81,17 @@ class Client:
         self.timeout_s = timeout_s
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:  # imported on use: `repserve serve` runs where only the serve extra (no httpx) is installed
+        try:  # imported on use: `repserve --help` and `repserve train` need no httpx
             import httpx
         except ImportError as e:
-            raise ClientError("the client commands need httpx: pip install 'repserve[train]' (or httpx)") from e
+            raise MissingExtra("serve", e) from e
         timeout = httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, CONNECT_TIMEOUT_S))
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
             response = httpx.request(method, self.url + path, headers=headers, timeout=timeout, **kwargs)
         except httpx.ConnectError as e:
-            raise ClientError(f"cannot connect to {self.url} ({e}); is the server running? (--url, ${URL_ENV})") from e
+            raise ClientError(f"cannot connect to {self.url} ({e}); is the server running? "
+                              f"(--url, ${env_names()[0]})") from e
         except httpx.HTTPError as e:
             raise ClientError(f"{method} {self.url}{path}: {type(e).__name__}: {e}") from e
         if response.is_error:
@@ -89,14 +107,37 @@ class Client:
                 raise ClientError(f"cannot read {path}: {e.strerror or e}") from e
         return self.request("POST", "/classify", params={"task": task, "top_k": top_k}, files=files).json()
 
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer of a request; anything else is a :class:`ClientError` (``--url`` names another server)."""
+        response = self.request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError as e:
+            raise not_repserve(response) from e
+
     def tasks(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/tasks").json()["tasks"]
+        body = self.json("GET", "/tasks")
+        if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
+            raise ClientError(f"GET {self.url}/tasks: not a RepServe task list (is {self.url} a RepServe server?)")
+        return body["tasks"]
 
     def task(self, name: str) -> dict[str, Any]:
-        return self.request("GET", f"/tasks/{name}").json()
+        body = self.json("GET", f"/tasks/{name}")
+        if not isinstance(body, dict):
+            raise ClientError(f"GET {self.url}/tasks/{name}: not a RepServe task (is {self.url} a RepServe server?)")
+        return body
 
-    def delete(self, name: str) -> None:
-        self.request("DELETE", f"/tasks/{name}")
+    def delete(self, name: str, version: int | None = None) -> None:
+        """``DELETE /tasks/NAME``; with ``version``, the server deletes only that version (409 otherwise),
+        checked under its registration lock: a task replaced meanwhile is never deleted."""
+        params = {"version": version} if version is not None else {}
+        self.request("DELETE", f"/tasks/{name}", params=params)
+
+
+def not_repserve(response: httpx.Response) -> ClientError:
+    request = response.request
+    return ClientError(f"{request.method} {request.url}: {response.status_code}, but not a RepServe answer "
+                       f"({response.headers.get('content-type', 'no content type')}); is --url a RepServe server?")
 
 
 def print_json(data: object) -> None:

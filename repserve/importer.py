@@ -33,6 +33,25 @@ class UsageError(Exception):
     """The arguments cannot work (exit 2); the message says which one to give."""
 
 
+def json_object(text: str) -> dict[str, object]:
+    """``--backbone-options``: a JSON object (its keys become keyword arguments), else a usage error (exit 2)."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): give an object, e.g. '{{\"img_size\": 384}}'") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, e.g. '{{\"img_size\": 384}}'; got {text!r}")
+    return value
+
+
+def default_store() -> str:
+    """The server's store, so that an import lands where ``repserve serve`` looks: ``$REPSERVE_STORE``, else
+    :class:`~service.settings.Settings`' default. Both are service.settings' (imported on use)."""
+    from service.settings import ENV_PREFIX, Settings
+
+    return os.environ.get(f"{ENV_PREFIX}STORE") or str(Settings.model_fields["store"].default)
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("import-official", help="turn an official RepAdapter checkpoint into a task",
                             description="Turn a checkpoint of the paper's official RepAdapter code "
@@ -56,7 +75,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                                        "depth")
     bb.add_argument("--backbone-checkpoint", type=Path, metavar="FILE",
                     help="the backbone's weights; without it a random backbone from --seed (tests only)")
-    bb.add_argument("--backbone-options", type=json.loads, default={}, metavar="JSON",
+    bb.add_argument("--backbone-options", type=json_object, default={}, metavar="JSON",
                     help='extra timm create_model arguments, e.g. \'{"img_size": 384}\'')
     bb.add_argument("--seed", type=int, default=0, help="seed of a backbone without checkpoint (default: 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -81,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = official_bundle(
         state_dict, backbone, task=args.task, scale=args.scale, placement=args.placement, labels=labels,
         description=f"imported from the official RepAdapter checkpoint {args.checkpoint.name} (sha256 {digest})")
-    store = args.store or os.environ.get("REPSERVE_STORE", "adapters_store")
+    store = args.store or default_store()
     where = publish(bundle, store=store, register_url=args.url, token=token_from_env(admin=True),
                     overwrite=args.overwrite)
     a = bundle.manifest.adapter

@@ -14,9 +14,9 @@ if TYPE_CHECKING:
 EXAMPLES = """examples:
   repserve tasks list
   repserve tasks show imagenet --json
-  repserve tasks register runs/flowers/bundle           # a folder with manifest.json + adapter.safetensors
-  repserve tasks register flowers.zip --overwrite       # or a .zip / .tar / .tar.gz holding both
-  repserve tasks delete flowers --version 3             # only if version 3 is the one served
+  repserve tasks register adapters_store/fashion/v000001  # a store version folder: manifest.json + adapter.safetensors
+  repserve tasks register flowers.zip --overwrite         # or a .zip / .tar / .tar.gz holding both
+  repserve tasks delete flowers --version 3               # only if version 3 is the one served
 """
 MAX_ARCHIVE_BYTES = 2 << 30
 """Largest archive read by ``tasks register`` (the server applies its own, smaller, limit)."""
@@ -37,7 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     show.set_defaults(run=show_task)
     register = actions.add_parser("register", help="register a bundle folder or archive (POST /tasks)")
     register.add_argument("bundle", type=Path, metavar="BUNDLE_DIR_OR_ARCHIVE",
-                          help="a folder holding manifest.json and adapter.safetensors, or a .zip/.tar/.tar.gz of them")
+                          help="a folder holding manifest.json and adapter.safetensors (a store's version folder, "
+                               "e.g. adapters_store/NAME/v000001), or a .zip/.tar/.tar.gz of them")
     register.add_argument("--overwrite", action="store_true", help="replace an existing task (as its next version)")
     add_client_options(register)
     register.set_defaults(run=register_task)
@@ -50,9 +51,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _row(t: dict[str, Any]) -> list[object]:
-    a = t["adapter"]
-    adapter = f"r={a['hidden']} g={a['groups']} s={a['scale']:g} {a['placement']}" if a["hidden"] else "-"
-    return [t["name"], t["version"], t["method"], t["num_labels"], adapter, t["resident"]]
+    try:
+        a = t["adapter"]
+        adapter = f"r={a['hidden']} g={a['groups']} s={a['scale']:g} {a['placement']}" if a["hidden"] else "-"
+        return [t["name"], t["version"], t["method"], t["num_labels"], adapter, t["resident"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ClientError(f"not a RepServe task ({type(e).__name__}: {e}); is --url a RepServe server?") from e
 
 
 _HEADERS = ["name", "version", "method", "labels", "adapter", "resident"]
@@ -72,13 +76,17 @@ def show_task(args: argparse.Namespace) -> int:
     if args.json:
         print_json(task)
         return 0
-    print(table([_row(task)], _HEADERS))
-    backbone = task["backbone"]
-    print(f"backbone {backbone['arch']} ({backbone['fingerprint'][:12]}), input {task['preprocess']['input_size']}, "
-          f"created {task['created_at']}")
-    if task["description"]:
-        print(task["description"])
-    print("labels: " + ", ".join(task["labels"] or []))
+    row = _row(task)
+    try:
+        backbone = task["backbone"]
+        lines = [f"backbone {backbone['arch']} ({backbone['fingerprint'][:12]}), input "
+                 f"{task['preprocess']['input_size']}, created {task['created_at']}",
+                 *([task["description"]] if task["description"] else []),
+                 "labels: " + ", ".join(task["labels"] or [])]
+    except (KeyError, TypeError) as e:
+        raise ClientError(f"not a RepServe task ({type(e).__name__}: {e}); is --url a RepServe server?") from e
+    print(table([row], _HEADERS))
+    print("\n".join(lines))
     return 0
 
 
@@ -108,12 +116,7 @@ def register_task(args: argparse.Namespace) -> int:
 
 
 def delete_task(args: argparse.Namespace) -> int:
-    client = Client(args.url, token_from_env(admin=True), args.timeout)
-    if args.version is not None:
-        served = client.task(args.name)["version"]
-        if served != args.version:
-            raise ClientError(f"task {args.name!r} is at version {served}, not {args.version}: not deleted")
-    client.delete(args.name)
+    Client(args.url, token_from_env(admin=True), args.timeout).delete(args.name, version=args.version)
     if args.json:
         print_json({"deleted": args.name})
     else:

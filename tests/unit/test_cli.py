@@ -94,23 +94,107 @@ def test_server_flags_without_a_command_start_the_server_as_before(capsys):
     assert run(capsys, "--check-config", "--max-batch", "8")[:2] == (0, "configuration valid\n")
 
 
-def test_bench_help_runs_python_m_bench(capsys):
-    assert main(["bench", "--help"]) == 0  # the child's own help, on the inherited stdout
+def test_bench_help_runs_python_m_bench(capfd):
+    """A child process (bench/ is not installed): its help arrives on the inherited stdout."""
+    assert main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: python -m bench")
+    assert "Run every benchmark, each in its own process, then rebuild BENCHMARKS.md." in out
+    assert "--quick" in out
 
 
-@pytest.mark.parametrize("argv", [
-    ["classify", "x.png"],  # no --task
-    ["tasks"],  # no action
-    ["tasks", "delete", "x", "--version", "two"],
-    ["import-official", "c.pt", "--scale", "1", "--task", "t", "--placement", "mlp"],
-    ["import-official", "c.pt", "--scale", "1", "--task", "t", "--store", "s", "--url", "http://x"],
-    ["no-such-command"],
-    ["serve", "--max-batch", "0"],  # the server's own validation: invalid configuration
+@pytest.mark.parametrize(("argv", "says"), [
+    (["classify", "x.png"], "repserve classify: error: the following arguments are required: --task"),
+    (["tasks"], "repserve tasks: error: the following arguments are required: ACTION"),
+    (["tasks", "delete", "x", "--version", "two"], "argument --version: invalid int value: 'two'"),
+    (["import-official", "c.pt", "--scale", "1", "--task", "t", "--placement", "mlp"],
+     "argument --placement: invalid choice: 'mlp'"),
+    (["import-official", "c.pt", "--scale", "1", "--task", "t", "--store", "s", "--url", "http://x"],
+     "argument --url: not allowed with argument --store"),
+    (["import-official", "c.pt", "--scale", "1", "--task", "t", "--backbone-options", "[1]"],
+     "argument --backbone-options: a JSON object is needed, e.g. '{\"img_size\": 384}'; got '[1]'"),
+    (["import-official", "c.pt", "--scale", "1", "--task", "t", "--backbone-options", "{img_size: 1}"],
+     "argument --backbone-options: not JSON (Expecting property name enclosed in double quotes"),
+    (["no-such-command"], "argument COMMAND: invalid choice: 'no-such-command'"),
+    (["serve", "--max-batch", "0"], "--max-batch: Input should be greater than or equal to 1"),  # the server's
 ])
-def test_bad_usage_exits_2(capsys, argv):
-    rc, _, err = run(capsys, *argv)
-    assert rc == 2
-    assert err
+def test_bad_usage_exits_2(capsys, argv, says):
+    rc, out, err = run(capsys, *argv)
+    assert (rc, out) == (2, "")
+    assert says in err
+
+
+@pytest.mark.parametrize(("missing", "argv"), [
+    ("pydantic_settings", ["--help"]),  # service.settings (the client's variables) needs it
+    ("pydantic_settings", ["tasks", "list"]),
+    ("httpx", ["tasks", "list", "--url", "http://127.0.0.1:9"]),
+])
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(capsys, monkeypatch, missing, argv):
+    """A core-only install: pydantic-settings and httpx come with the serve extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
+    monkeypatch.delitem(sys.modules, "service.settings")  # imported again on use, and fails
+    rc, out, err = run(capsys, *argv)
+    assert (rc, out) == (1, "")
+    command = "repserve" if missing == "pydantic_settings" else "repserve tasks list"  # before parsing: no command
+    assert err == f"{command}: needs the 'serve' extra ({missing} is missing): pip install 'repserve[serve]'\n"
+
+
+def test_import_official_stores_where_the_server_looks(monkeypatch):
+    from repserve.importer import default_store
+    from service.settings import Settings
+
+    monkeypatch.delenv("REPSERVE_STORE", raising=False)
+    assert default_store() == Settings().store == "adapters_store"
+    monkeypatch.setenv("REPSERVE_STORE", "/srv/tasks")
+    assert default_store() == Settings().store == "/srv/tasks"
+
+
+@pytest.fixture
+def foreign_server() -> Iterator[str]:
+    """Something that is not RepServe on --url: JSON of another shape on /tasks and /tasks/x, HTML elsewhere."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, kind = {"/tasks": (b'{"items": []}', "application/json"),
+                          "/tasks/x": (b'{"name": "x"}', "application/json"),
+                          "/tasks/list": (b'[1, 2]', "application/json")}.get(self.path, (b"<html>hi</html>",
+                                                                                          "text/html"))
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["tasks", "list"], "repserve tasks list: GET {url}/tasks: not a RepServe task list (is {url} a RepServe server?)"),
+    (["tasks", "show", "x"], "repserve tasks show: not a RepServe task (KeyError: 'adapter'); is --url a RepServe "
+                             "server?"),
+    (["tasks", "show", "list"], "repserve tasks show: GET {url}/tasks/list: not a RepServe task (is {url} a "
+                                "RepServe server?)"),
+    (["tasks", "show", "html"], "repserve tasks show: GET {url}/tasks/html: 200, but not a RepServe answer "
+                                "(text/html); is --url a RepServe server?"),
+])
+def test_an_answer_not_from_repserve_is_one_line(foreign_server, capsys, argv, says):
+    rc, out, err = run(capsys, *argv, "--url", foreign_server)
+    assert (rc, out) == (1, "")
+    assert err == says.format(url=foreign_server) + "\n"
 
 
 def test_server_down_fails_fast_with_one_line(capsys):
@@ -242,13 +326,33 @@ def test_tasks_register_show_list_delete_round_trip(server, tmp_path, capsys, mo
     assert rc == 0
     assert set(rows) == {"imagenet", "cli-task"}
     assert rows["cli-task"][1] == "2"
-    rc, _, err = run(capsys, "tasks", "delete", "cli-task", "--version", "1")
-    assert rc == 1
-    assert "version 2, not 1: not deleted" in err
+    rc, _, err = run(capsys, "tasks", "delete", "cli-task", "--version", "1")  # checked by the server
+    assert (rc, err) == (1, "repserve tasks delete: DELETE /tasks/cli-task: 409 version_mismatch: task 'cli-task' is "
+                            "at version 2, not 1 (replaced since you looked?): nothing changed\n")
+    assert run(capsys, "tasks", "show", "cli-task", "--json")[0] == 0  # still served
     assert run(capsys, "tasks", "delete", "cli-task", "--version", "2")[:2] == (0, "deleted cli-task\n")
     rc, _, err = run(capsys, "tasks", "show", "cli-task")
     assert rc == 1
     assert "404 task_not_found" in err
+    rc, _, err = run(capsys, "tasks", "delete", "cli-task", "--version", "2")
+    assert (rc, err.count("\n")) == (1, 1)
+    assert "DELETE /tasks/cli-task: 404 task_not_found" in err
+
+
+@pytest.mark.slow
+def test_tasks_register_takes_a_store_version_folder(server, tmp_path, capsys, monkeypatch):
+    """The layout of the help's example (adapters_store/fashion/v000001): a copy of the shipped demo task."""
+    import shutil
+
+    shipped = Path(__file__).resolve().parents[2] / "adapters_store" / "fashion" / "v000001"
+    folder = shutil.copytree(shipped, tmp_path / "adapters_store" / "fashion" / "v000001")
+    monkeypatch.setenv("REPSERVE_URL", server)
+    monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", ADMIN_TOKEN)
+    rc, out, err = run(capsys, "tasks", "register", folder)
+    assert (rc, out, err) == (0, f"registered fashion version 1 at {server}\n", "")
+    rc, out, _ = run(capsys, "tasks", "show", "fashion", "--json")
+    assert (rc, json.loads(out)["labels"]) == (0, json.loads((shipped / "manifest.json").read_text())["labels"])
+    assert run(capsys, "tasks", "delete", "fashion", "--version", "1")[0] == 0
 
 
 # --- import-official ----------------------------------------------------------------------------------
