@@ -57,7 +57,7 @@ class Hints:
     $REPSERVE_ADMIN_TOKEN")``)."""
 
     url: str = "--register"
-    token: str = "--token or $REPSERVE_ADMIN_TOKEN"
+    token: str = "--token, $REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN"
 
 
 TRAINING_HINTS = Hints()

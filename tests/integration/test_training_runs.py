@@ -448,7 +448,7 @@ def test_registration_errors_name_how_the_caller_gives_url_and_token(service):
                          ("wrong", "refused the admin token (admin token): check")):
         with pytest.raises(RegisterError) as default:
             register(_probe_bundle("p"), url, token)
-        assert f"{words} --token or $REPSERVE_ADMIN_TOKEN" in str(default.value)
+        assert f"{words} --token, $REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN" in str(default.value)
         with pytest.raises(RegisterError) as theirs:
             publish(_probe_bundle("p"), store="unused", register_url=url, token=token, hints=client)
         assert f"{words} $REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN" in str(theirs.value)
