@@ -47,9 +47,9 @@ class TaskExists(RepServeError):
     code = "task_exists"
 
 
-class VersionMismatch(TaskExists):
+class VersionMismatch(RepServeError):
     """A conditional change named a version that is not the one served (the task was replaced since the caller
-    looked): nothing changed. A :class:`TaskExists` so that it answers 409 wherever that one does."""
+    looked): nothing changed."""
 
     code = "version_mismatch"
 

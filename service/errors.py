@@ -23,6 +23,7 @@ from repadapter.errors import (
     TaskExists,
     TaskNotFound,
     UnsupportedBackbone,
+    VersionMismatch,
 )
 
 
@@ -133,6 +134,7 @@ _HTTP: dict[type[RepServeError], tuple[int, dict[str, str]]] = {
     BackboneMismatch: (409, {}),
     TaskNotFound: (404, {}),
     TaskExists: (409, {}),
+    VersionMismatch: (409, {}),  # DELETE /tasks/NAME?version=N when another version is served
     UnsupportedBackbone: (422, {}),
     CheckpointError: (422, {}),
     ImageError: (415, {}),
