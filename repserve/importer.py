@@ -44,12 +44,18 @@ def json_object(text: str) -> dict[str, object]:
     return value
 
 
-def default_store() -> str:
-    """The server's store, so that an import lands where ``repserve serve`` looks: ``$REPSERVE_STORE``, else
-    :class:`~service.settings.Settings`' default. Both are service.settings' (imported on use)."""
+def _store_setting() -> tuple[str, str]:
+    """``(variable, default)`` of the server's store setting: service.settings' (imported on use)."""
     from service.settings import ENV_PREFIX, Settings
 
-    return os.environ.get(f"{ENV_PREFIX}STORE") or str(Settings.model_fields["store"].default)
+    return f"{ENV_PREFIX}STORE", str(Settings.model_fields["store"].default)
+
+
+def default_store() -> str:
+    """The server's store, so that an import lands where ``repserve serve`` looks: ``$REPSERVE_STORE``, else
+    :class:`~service.settings.Settings`' default."""
+    variable, default = _store_setting()
+    return os.environ.get(variable) or default
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -66,7 +72,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                    help="adapter sites; default: what the keys tell (block when adapter_mlp keys are present)")
     p.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line (default: class_0 ..)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--store", help="store to write the task into (default: $REPSERVE_STORE or adapters_store)")
+    variable, default = _store_setting()
+    where.add_argument("--store", help=f"store to write the task into (default: ${variable} or {default})")
     where.add_argument("--url", help="register with the server at this base URL instead (token: $REPSERVE_TOKEN or "
                                      "$REPSERVE_ADMIN_TOKEN)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing task (as its next version)")
