@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import httpx
 
+    from training.export import Hints
+
 DEFAULT_URL = "http://localhost:8000"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -40,6 +42,16 @@ def env_names() -> tuple[str, str]:
     except ImportError as e:
         raise MissingExtra("serve", e) from e
     return CLIENT_URL_ENV, CLIENT_TOKEN_ENV
+
+
+def registration_hints(url: str | None = None) -> Hints:
+    """:class:`training.export.Hints` naming what a ``repserve`` user passes (not ``python -m training``'s
+    ``--register``/``--token``) in a refused registration's message: ``url`` (default: ``--url or $REPSERVE_URL``)
+    and the token variables."""
+    from training.export import Hints
+
+    url_env, token_env = env_names()
+    return Hints(url=url or f"--url or ${url_env}", token=f"${token_env} or $REPSERVE_ADMIN_TOKEN")
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .client import print_json, token_from_env
+from .client import print_json, registration_hints, token_from_env
 
 EXAMPLES = """examples:
   repserve import-official cifar100.pt --scale 10 --task cifar100 --labels cifar100.txt \\
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         description=f"imported from the official RepAdapter checkpoint {args.checkpoint.name} (sha256 {digest})")
     store = args.store or default_store()
     where = publish(bundle, store=store, register_url=args.url, token=token_from_env(admin=True),
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, hints=registration_hints(url="--url"))
     a = bundle.manifest.adapter
     result = {**where, "backbone": arch, "placement": a.placement, "hidden": a.hidden, "groups": a.groups,
               "scale": a.scale, "classes": len(bundle.manifest.labels), "checkpoint_sha256": digest}

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .client import Client, ClientError, add_client_options, print_json, table, token_from_env
+from .client import Client, ClientError, add_client_options, print_json, registration_hints, table, token_from_env
 
 if TYPE_CHECKING:
     from repadapter.bundle import TaskBundle
@@ -107,7 +107,8 @@ def register_task(args: argparse.Namespace) -> int:
     from training.export import register  # the one place that POSTs a bundle
 
     bundle = read_bundle(args.bundle)
-    stored = register(bundle, args.url, token_from_env(admin=True), overwrite=args.overwrite, timeout_s=args.timeout)
+    stored = register(bundle, args.url, token_from_env(admin=True), overwrite=args.overwrite, timeout_s=args.timeout,
+                      hints=registration_hints())
     if args.json:
         print_json(stored)
     else:

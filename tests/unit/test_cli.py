@@ -302,7 +302,9 @@ def _bundle_dir(root: Path, name: str) -> Path:
 def test_tasks_register_show_list_delete_round_trip(server, tmp_path, capsys, monkeypatch):
     folder = _bundle_dir(tmp_path, "cli-task")
     monkeypatch.setenv("REPSERVE_URL", server)
-    assert run(capsys, "tasks", "register", folder)[0] == 1  # no admin token
+    rc, _, err = run(capsys, "tasks", "register", folder)  # no admin token: the hint names repserve's variables
+    assert (rc, err.count("\n")) == (1, 1)
+    assert err.endswith("needs an admin token to register tasks: pass $REPSERVE_TOKEN or $REPSERVE_ADMIN_TOKEN\n")
     monkeypatch.setenv("REPSERVE_ADMIN_TOKEN", ADMIN_TOKEN)  # the server's variable: admin and reads
     rc, out, _ = run(capsys, "tasks", "register", folder, "--json")
     assert rc == 0
