@@ -26,7 +26,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .adapter import AdapterWeights, shape_problem
-from .errors import BackboneMismatch, BundleError, CheckpointError, ChecksumMismatch
+from .errors import BackboneMismatch, BundleError, CheckpointError, ChecksumMismatch, describe_validation_error
 from .inject import PLACEMENTS, Site
 from .preprocess import PreprocessConfig
 
@@ -119,8 +119,7 @@ def parse_manifest(data: bytes | str) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in e.errors())
-        raise BundleError(f"invalid manifest: {problems}") from e
+        raise BundleError(f"invalid manifest: {describe_validation_error(e, empty='manifest')}") from e
 
 
 @dataclass
