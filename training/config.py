@@ -18,6 +18,14 @@ from repadapter.bundle import check_task_name
 from repadapter.inject import Placement
 
 Method = Literal["repadapter", "linear", "full"]
+Recipe = Literal["paper", "tuned"]
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "tuned": {"lr": 3e-3, "hidden": 32},
+}
+"""Named hyper-parameter presets over the field defaults; flags given explicitly override them. ``paper`` is the
+field defaults themselves (the paper's recipe); ``tuned`` is the best found on the mini VTAB-1k
+(``python -m bench.training``; training/RESULTS.md)."""
 Balance = Literal["none", "loss", "sampler"]
 SCALE_GRID: tuple[float, ...] = (0.1, 0.5, 1.0, 5.0, 10.0)
 """The paper's search space for the adapter scale ``s``, chosen on validation accuracy."""
@@ -25,7 +33,7 @@ SCALE_GRID: tuple[float, ...] = (0.1, 0.5, 1.0, 5.0, 10.0)
 RESUME_KEYS = frozenset({
     "data", "backbone", "checkpoint", "method", "epochs", "max_steps", "warmup_epochs", "warmup_lr", "min_lr",
     "batch_size", "lr", "weight_decay", "hidden", "groups", "dropout", "drop_path", "placement", "image_size",
-    "n_train", "n_val", "seed", "balance", "class_mix",
+    "n_train", "n_val", "seed", "balance", "class_mix", "label_smoothing",
 })
 """Fields that change the training maths: a checkpoint resumes only under the same values (plus its scale)."""
 
@@ -35,6 +43,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    recipe: Recipe = Field("paper", description="hyper-parameter preset, under the flags given: paper (the "
+                                                "defaults below) or tuned (--lr 3e-3 --hidden 32, best on our "
+                                                "mini VTAB-1k, see training/RESULTS.md)")
     data: str = Field(description="training data: an ImageFolder DIR (DIR/train/<class>/*, optional DIR/val, "
                                   "DIR/test) or an embedded dataset: fashion-mnist, mnist, digits")
     task: str = Field(description="task name in the store (a-z, 0-9, '_', '-'; at most 64 chars)")
@@ -70,6 +81,8 @@ class TrainConfig(BaseModel):
                                                                   "label order (57,11,4,27 keeps classes 0-3 at "
                                                                   "57/11/4/27%; missing or 0: class dropped): "
                                                                   "an imbalanced task from a balanced source")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training cross-entropy "
+                                                                "(0: none; validation and test loss stay plain)")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapters' hidden vector (training only)")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the backbone (when timm's "
                                                           "model supports it)")
@@ -95,6 +108,14 @@ class TrainConfig(BaseModel):
                                                                              "bf16, else fp16); CPU runs fp32")
     workers: int | None = Field(None, ge=0, description="data loader worker processes (default: 0 on CPU, "
                                                         "4 on CUDA)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        """Fill the fields a recipe sets and the caller did not (an unknown recipe is left to the field check)."""
+        if isinstance(data, dict) and isinstance(data.get("recipe"), str):
+            return {**RECIPES.get(data["recipe"], {}), **data}
+        return data
 
     @field_validator("store", mode="before")
     @classmethod
@@ -145,13 +166,20 @@ class TrainConfig(BaseModel):
         """The ``python -m training`` command of this configuration with ``changes``, without the token.
 
         Written in the flags of ``cli.config_flags`` (pydantic-settings' CLI source), so it parses back to the
-        same configuration: only fields away from their default, kebab-case names (aliases win:
-        ``--register``), ``--x``/``--no-x`` for booleans, ``null`` for None, comma lists for tuples, floats
-        in their shortest exact form.
+        same configuration: the required fields and those away from what ``--recipe`` and the defaults give,
+        kebab-case names (aliases win: ``--register``), ``--x``/``--no-x`` for booleans, ``null`` for None,
+        comma lists for tuples, floats in their shortest exact form.
         """
         args = ["python", "-m", "training"]
-        dumped = self.model_copy(update=changes).model_dump(mode="json", exclude_defaults=True, by_alias=True)
+        cfg = self.model_copy(update=changes)
+        dumped = cfg.model_dump(mode="json", by_alias=True, exclude={"token"})
+        kind = type(cfg)
+        implied = kind(data=cfg.data, task=cfg.task, recipe=cfg.recipe).model_dump(mode="json", by_alias=True)
+        implied["recipe"] = kind.model_fields["recipe"].default
+        required = {"data", "task"}
         for name, value in dumped.items():
+            if name not in required and value == implied[name]:
+                continue
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):
                 args.append(flag if value else "--no-" + flag[2:])

@@ -221,7 +221,8 @@ class Trainer:
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             with rt.autocast():
                 logits = self.net(x)  # [B, C]
-            loss = F.cross_entropy(logits.float(), y, weight=self.loss_weights)
+            loss = F.cross_entropy(logits.float(), y, weight=self.loss_weights,
+                                   label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -285,7 +286,8 @@ class Trainer:
             return 0
         tensors, meta = load_checkpoint(self.ckpt_path)
         want = self.cfg.resume_identity(self.scale)
-        have = {"balance": "none", "class_mix": None} | meta["identity"]  # checkpoints from before those options
+        # checkpoints from before those options
+        have = {"balance": "none", "class_mix": None, "label_smoothing": 0.0} | meta["identity"]
         if have != want:
             diff = {k: {"checkpoint": have.get(k), "now": v} for k, v in want.items() if have.get(k) != v}
             raise CheckpointError(f"{self.ckpt_path} was trained with other settings {diff}: "

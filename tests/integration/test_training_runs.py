@@ -45,7 +45,7 @@ from repadapter.errors import CheckpointError
 from repadapter.preprocess import preprocess_batch
 from training.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from training.cli import config_flags, main
-from training.config import TrainConfig
+from training.config import RECIPES, TrainConfig
 from training.data import FASHION_MNIST_DIR, load_dataset
 from training.export import Hints, RegisterError, check_registration, publish, register
 from training.pipeline import run
@@ -276,6 +276,22 @@ def test_balanced_training_on_an_imbalanced_mix_serves_exactly(tmp_path, balance
     bundle = LocalStore(tmp_path / "store").get(f"mix-{balance}")
     assert bundle.manifest.labels == ["0", "1", "2", "3"]
     assert bundle.manifest.metrics["balance"] == balance
+
+
+def test_tuned_recipe_and_label_smoothing_serve_exactly(tmp_path):
+    """The recipe options change training, never what is served: the bundle still predicts what trained."""
+    smooth = run(config(tmp_path, "smooth", MICRO, epochs=1, recipe="tuned", label_smoothing=0.2, n_test=40))
+    plain = run(config(tmp_path, "plain", MICRO, epochs=1, recipe="tuned", n_test=40))
+    for report in (smooth, plain):
+        assert report["metrics"]["merged_argmax_agreement"] == 1.0
+        assert report["metrics"]["merged_max_abs_logit_diff"] < 1e-3
+        assert {k: report["config"][k] for k in RECIPES["tuned"]} == RECIPES["tuned"]
+    assert smooth["config"]["label_smoothing"] == 0.2
+    # same seed, same batches: only the smoothed targets differ, so does the training loss
+    assert smooth["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], abs=1e-4)
+    bundle = LocalStore(tmp_path / "store").get("smooth")
+    assert bundle.manifest.adapter.hidden == RECIPES["tuned"].get("hidden", 8)
+    assert bundle.manifest.adapter.scale == RECIPES["tuned"].get("scale", 1.0)
 
 
 # --- torchrun -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from timm.layers import DropPath
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -21,7 +22,7 @@ from repadapter.errors import CheckpointError
 from training.batches import ShardedBatchSampler, batches, class_weights
 from training.checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
 from training.cli import build_parser, config_flags, main
-from training.config import SCALE_GRID, TrainConfig
+from training.config import RECIPES, SCALE_GRID, TrainConfig
 from training.demo import imagenet_bundle
 from training.export import _retry_after
 from training.model import TaskModel, build_model, set_train_mode, train_state
@@ -102,12 +103,12 @@ def _parse(argv: list[str], model: type[TrainConfig] = TrainConfig) -> TrainConf
 def test_command_line_parses_back_to_every_field():
     """Every field away from its default (None over a default, tuples, bools, the --register alias, a negative
     number, an exact float) survives the printed command; a new field must join this list."""
-    changed = dict(data="-odd dir", task="t-1", store="s3://b/p", backbone="vit_tiny_patch16_224",
+    changed = dict(recipe="tuned", data="-odd dir", task="t-1", store="s3://b/p", backbone="vit_tiny_patch16_224",
                    checkpoint=Path("/w/b.safetensors"), method="repadapter", epochs=3, max_steps=7, warmup_epochs=0.5,
                    warmup_lr=1e-9, min_lr=0.0, batch_size=16, lr=0.00123456789, weight_decay=0.05, hidden=4, groups=4,
                    scale=0.3, search_scale=True, scale_grid=(0.25, 3.0), balance="sampler", class_mix=(5.0, 0.0, 1.5),
-                   dropout=0.0, drop_path=0.2, placement="attn", image_size=96, n_train=None, n_val=10, n_test=None,
-                   seed=-1, out_dir=Path("/tmp/run dir"), resume=True, overwrite=True, register_url="http://h:1/x",
+                   label_smoothing=0.1, dropout=0.0, drop_path=0.2, placement="attn", image_size=96, n_train=None,
+                   n_val=10, n_test=None, seed=-1, out_dir=Path("/tmp/run dir"), resume=True, overwrite=True, register_url="http://h:1/x",
                    device="cpu", amp="bf16", workers=2)
     assert set(TrainConfig.model_fields) - set(changed) == {"token"}
     cfg = TrainConfig(**changed, token="s3cret")
@@ -121,6 +122,23 @@ def test_command_line_parses_back_to_every_field():
     assert shlex.split(plain.command_line()) == ["python", "-m", "training", "--data", "mnist", "--task", "t"]
     assert _parse(shlex.split(cfg.command_line(resume=False, n_train=800))[3:]) == cfg.model_copy(
         update={"token": None, "resume": False, "n_train": 800})  # back at the default: left out
+
+
+def test_recipe_presets_fill_what_the_flags_do_not_give():
+    """``--recipe tuned`` sets its values under the explicit flags; the printed command keeps a flag that puts a
+    recipe value back at the field default (it would parse back to the recipe's value without it)."""
+    tuned = TrainConfig(data="mnist", task="t", recipe="tuned")
+    assert {k: getattr(tuned, k) for k in RECIPES["tuned"]} == RECIPES["tuned"]
+    assert TrainConfig(data="mnist", task="t", recipe="paper") == TrainConfig(data="mnist", task="t")
+    mine = TrainConfig(data="mnist", task="t", recipe="tuned", lr=1e-3)
+    assert mine.lr == 1e-3
+    assert mine.hidden == RECIPES["tuned"]["hidden"]
+    argv = shlex.split(mine.command_line())
+    assert argv[3:] == ["--recipe", "tuned", "--data", "mnist", "--task", "t", "--lr", "0.001"]
+    assert _parse(argv[3:]) == mine
+    assert shlex.split(tuned.command_line())[3:] == ["--recipe", "tuned", "--data", "mnist", "--task", "t"]
+    with pytest.raises(ValidationError, match="recipe"):
+        TrainConfig(data="mnist", task="t", recipe="best")
 
 
 def test_command_line_writes_a_bool_that_defaults_to_true_as_no_flag():
