@@ -180,8 +180,9 @@ def test_replicas_quick_routes_every_task_to_one_replica_under_hashing(results):
 
 
 def test_training_quick(results):
-    res = read(results, "training")["results"]
-    assert [(r["dataset"], r["method"]) for r in res["rows"]] == [("digits", m) for m in training.METHODS]
+    payload = read(results, "training")
+    res = payload["results"]
+    assert [(r["dataset"], r["config"], r["seed"]) for r in res["rows"]] == [("digits", m, 0) for m in training.METHODS]
     by = {r["method"]: r for r in res["rows"]}
     assert by["repadapter"]["trainable_params"] == 121_234  # 33 adapters (hidden 8, groups 2) + a 10-class head
     assert by["linear"]["trainable_params"] == 1280 * 10 + 10
@@ -189,11 +190,47 @@ def test_training_quick(results):
     assert by["repadapter"]["merged_argmax_agreement"] == 1.0
     assert by["full"]["merged_argmax_agreement"] is None  # full tuning is not servable
     for r in res["rows"]:
+        assert 0 <= r["test_macro_accuracy"] <= 1
         assert 0 <= r["test_accuracy"] <= 1
         assert positive(r["seconds_per_epoch"])
         assert positive(r["peak_memory_mib"])
-    assert set(res["summary"]) == set(training.METHODS)
-    assert res["summary"]["full"]["time_vs_full"] == 1.0
+        matrix = r["confusion_matrix"]  # the test split's, 10 classes, every test image counted once
+        assert len(matrix) == 10
+        assert sum(map(sum, matrix)) == 40
+        assert sum(matrix[i][i] for i in range(10)) / 40 == pytest.approx(r["test_accuracy"])
+    overall = res["summary"]["overall"]
+    assert set(overall) == set(training.METHODS)
+    assert overall["full"]["time_vs_full"] == 1.0
+    assert overall["repadapter"]["test_accuracy"]["mean"] == by["repadapter"]["test_accuracy"]  # one seed
+    vit = {r["method"]: r for r in res["vit"]}
+    assert set(vit) == set(training.METHODS)
+    assert vit["full"]["trainable_params"] == vit["full"]["total_params"] > vit["repadapter"]["trainable_params"]
+    assert vit["linear"]["trainable_params"] == 192 * 10 + 10  # vit_tiny's head alone
+    for r in vit.values():
+        assert all(positive(r["seconds"][k]) for k in ("forward", "backward", "optimizer", "step"))
+    # full tuning holds grads + AdamW moments of every weight: 3 x 4 bytes x its parameters
+    assert vit["full"]["grad_and_optimizer_state_mib"] == pytest.approx(12 * vit["full"]["total_params"] / 2**20)
+    text = training.render(payload)
+    assert "| digits | repadapter |" in text
+    assert "One training step on a ViT" in text
+
+
+def test_training_variants_and_seeds_are_summarised():
+    """Two seeds and a variant: per-cell spread over seeds, the dataset mean per seed, ratios to full per seed."""
+    def row(config, seed, acc, seconds):
+        return {"dataset": "d", "config": config, "seed": seed, "test_accuracy": acc, "test_macro_accuracy": acc / 2,
+                "val_accuracy": acc, "seconds_per_epoch": seconds, "peak_memory_mib": 100.0}
+
+    rows = [row("full", 1, 0.8, 10.0), row("full", 2, 0.9, 20.0), row("v", 1, 0.7, 5.0), row("v", 2, 1.0, 20.0)]
+    summary = training.summarise(rows, ["full", "v"])
+    v = summary["overall"]["v"]
+    assert v["test_accuracy"] == {"mean": pytest.approx(0.85), "min": 0.7, "max": 1.0, "n": 2}
+    assert v["test_macro_accuracy"]["mean"] == pytest.approx(0.425)
+    assert v["time_vs_full"] == pytest.approx(0.75)  # median of 0.5 and 1.0
+    assert training.parse_variant("lr3=--lr 3e-3 --scale 5") == ("lr3", ["--lr", "3e-3", "--scale", "5"])
+    for bad in ("full=--lr 1", "--lr 1", "=x"):
+        with pytest.raises(ValueError, match="--variant"):
+            training.parse_variant(bad)
 
 
 def test_report_is_idempotent(results, tmp_path):
