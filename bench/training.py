@@ -284,11 +284,11 @@ def _render_vit(rows: list[dict[str, Any]], vit: dict[str, Any]) -> str:
 
 TRIED = ("What was tried to close the gap (a one-seed pre-screen of every option, then the best on all seeds; "
          "every run is in [training/RESULTS.md](training/RESULTS.md#closing-the-gap-to-full-fine-tuning-recipes)): "
-         "adapter hidden size 8 -> 32 and lr 1e-3 -> 3e-3 help most (`--recipe tuned`, now the training CLI's "
-         "default); scale 5 helps alone but diverges with lr 3e-3; label smoothing 0.1 and hidden 64 do not help; "
-         "letting BatchNorm statistics adapt (exactly foldable, as a per-channel affine of every conv's output, but "
-         "not as a low-rank delta) lost 4 points on Fashion-MNIST; 20 epochs add 1 point but double the training; "
-         "mixup, augmentation and a `conv_head` site were not tried.")
+         "adapter hidden size 8 -> 32 and lr 1e-3 -> 3e-3 help most (`--recipe tuned`; not the default: it "
+         "diverged on a small-batch run); scale 5 helps alone but diverges with lr 3e-3; label smoothing 0.1 and "
+         "hidden 64 do not help; letting BatchNorm statistics adapt (exactly foldable, as a per-channel affine of "
+         "every conv's output, but not as a low-rank delta) lost 4 points on Fashion-MNIST; 20 epochs add 1 point "
+         "but double the training; mixup, augmentation and a `conv_head` site were not tried.")
 
 PAPER = ("The paper's figures for reference (ViT-B/16, VTAB-1k, GPU): RepAdapter 76.1 mean of groups vs full "
          "tuning 69.0, with ~25% less training time and ~20% less memory than full tuning. Its savings come from "
