@@ -8,14 +8,49 @@ import gc
 from pathlib import Path
 
 
+def kib_fields(path: str | Path) -> dict[str, int]:
+    """The ``Key:  123 kB`` lines of a /proc file (``status``, ``meminfo``) as ``{key: KiB}``; empty when it
+    cannot be read (not Linux, a process that is gone)."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[key] = int(parts[0])
+    return fields
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """Resident (``VmRSS``) and peak resident (``VmHWM``) KiB of a process, from ``/proc/<pid>/status``."""
+    fields = kib_fields(f"/proc/{pid}/status")
+    return {key: fields[key] for key in ("VmRSS", "VmHWM") if key in fields}
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux ``VmRSS``; ``ru_maxrss`` peak elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    rss = process_memory().get("VmRSS")
+    if rss is not None:
+        return rss * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident size (``VmHWM``) to its current one (Linux >= 4.0: ``clear_refs``);
+    False where that is not possible, and the peak then covers the whole process life."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident size since start or :func:`reset_peak_rss` (``ru_maxrss`` off Linux)."""
+    peak = process_memory().get("VmHWM")
+    if peak is not None:
+        return peak * 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -30,13 +65,7 @@ def settle_memory() -> None:
 
 
 def meminfo_kib(key: str) -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return kib_fields("/proc/meminfo").get(key, 0)
 
 
 def available_bytes() -> int:

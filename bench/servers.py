@@ -26,6 +26,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import ROOT, cli
+from .memstat import process_memory
 
 log = logging.getLogger("bench.servers")
 
@@ -109,13 +110,8 @@ class ServerProcess:
 
     def memory(self) -> dict[str, int]:
         """Resident and peak resident bytes of the server process (Linux; empty elsewhere)."""
-        out = {}
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out["rss_bytes" if key == "VmRSS" else "hwm_bytes"] = int(value.split()[0]) * 1024
-        return out
+        names = {"VmRSS": "rss_bytes", "VmHWM": "hwm_bytes"}
+        return {names[key]: kib * 1024 for key, kib in process_memory(self.proc.pid).items()}
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the server process used so far, all threads (Linux; ``None`` elsewhere)."""

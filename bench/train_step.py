@@ -17,11 +17,9 @@ prints one JSON object; :mod:`bench.training` runs it once per method and render
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,30 +30,16 @@ from repadapter import attach_slots, load_backbone
 from training.config import TrainConfig
 from training.model import build_model, set_train_mode, trainable_parameters
 
-from .memstat import rss_bytes, settle_memory
+from .memstat import peak_rss_bytes, reset_peak_rss, rss_bytes, settle_memory
+from .timing import synchronize
 
 METHODS = ("repadapter", "linear", "full")
 PHASES = ("forward", "backward", "optimizer")
 
 
-def _peak_rss_reset() -> bool:
-    """Reset the kernel's peak-RSS counter (``VmHWM``) to the current RSS; False where Linux does not allow it."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    return False
-
-
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _now(device: torch.device) -> float:
+    """The wall clock once the device's queued work is done."""
+    synchronize(device)
     return time.perf_counter()
 
 
@@ -79,14 +63,14 @@ def measure(method: str, arch: str, image_size: int, batch: int, steps: int, war
     y = torch.randint(0, classes, (batch,), generator=g).to(dev)
     settle_memory()
     base_rss = rss_bytes()
-    exact_peak = dev.type == "cuda" or _peak_rss_reset()
+    exact_peak = dev.type == "cuda" or reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
     times: dict[str, list[float]] = {p: [] for p in PHASES}
     for step in range(warmup + steps):
         set_train_mode(model, method)
-        t0 = _sync(dev)
+        t0 = _now(dev)
         if method == "linear":
             with torch.no_grad():  # the probe's model is the head alone (it trains on cached features)
                 features = backbone.model(x)
@@ -94,12 +78,12 @@ def measure(method: str, arch: str, image_size: int, batch: int, steps: int, war
         else:
             logits = model(x)
         loss = F.cross_entropy(logits, y)
-        t1 = _sync(dev)
+        t1 = _now(dev)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        t2 = _sync(dev)
+        t2 = _now(dev)
         optimizer.step()
-        t3 = _sync(dev)
+        t3 = _now(dev)
         if step >= warmup:
             for phase, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 times[phase].append(seconds)
@@ -119,7 +103,7 @@ def measure(method: str, arch: str, image_size: int, batch: int, steps: int, war
                    "step_memory_mib": (torch.cuda.max_memory_allocated(dev) - base_cuda) / 2**20}
     else:
         result |= {"memory_kind": "peak_rss_above_model" if exact_peak else "peak_rss_lifetime_above_model",
-                   "step_memory_mib": (_peak_rss() - base_rss) / 2**20, "model_rss_mib": base_rss / 2**20}
+                   "step_memory_mib": (peak_rss_bytes() - base_rss) / 2**20, "model_rss_mib": base_rss / 2**20}
     return result
 
 

@@ -65,9 +65,7 @@ def train_once(dataset: str, config: str, method: str, flags: Sequence[str], siz
             "--store", str(store), "--out-dir", str(store.parent / "runs" / task), "--epochs", str(size["epochs"]),
             "--n-train", str(size["n_train"]), "--n-val", str(size["n_val"]), "--n-test", str(size["n_test"]),
             "--image-size", str(size["image_size"]), "--seed", str(seed), "--overwrite", "--no-progress", *flags]
-    env = {**cli.child_env(), "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    summary = json.loads(done.stdout)
+    summary = _child_json(argv, {"OMP_NUM_THREADS": str(threads)})
     metrics, test = summary["metrics"], summary["evaluation"].get("test", {})
     per_epoch = (metrics["train_seconds"] + metrics.get("feature_seconds", 0.0)) / metrics["epochs"]
     return {"dataset": dataset, "config": config, "method": method, "flags": list(flags), "seed": seed,
@@ -84,8 +82,15 @@ def step_cost(method: str, vit: dict[str, Any], device: str, threads: int) -> di
     argv = [sys.executable, "-m", "bench.train_step", "--method", method, "--arch", vit["arch"],
             "--image-size", str(vit["image_size"]), "--batch", str(vit["batch"]), "--steps", str(vit["steps"]),
             "--warmup", str(vit["warmup"]), "--device", device, "--threads", str(threads)]
-    done = subprocess.run(argv, cwd=ROOT, env=cli.child_env(), check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _child_json(argv)
+
+
+def _child_json(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``argv`` from the repo root and return the JSON it prints; a failure raises with its stderr's tail."""
+    done = subprocess.run(argv, cwd=ROOT, env={**cli.child_env(), **(env or {})}, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

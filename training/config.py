@@ -176,9 +176,10 @@ class TrainConfig(BaseModel):
         cfg = self.model_copy(update=changes)
         dumped = cfg.model_dump(mode="json", by_alias=True, exclude={"token"})
         kind = type(cfg)
-        implied = kind(data=cfg.data, task=cfg.task, recipe=cfg.recipe).model_dump(mode="json", by_alias=True)
+        required = {name for name, field in kind.model_fields.items() if field.is_required()}
+        implied = kind(**{n: getattr(cfg, n) for n in required}, recipe=cfg.recipe).model_dump(mode="json",
+                                                                                               by_alias=True)
         implied["recipe"] = kind.model_fields["recipe"].default
-        required = {"data", "task"}
         for name, value in dumped.items():
             if name not in required and value == implied[name]:
                 continue
